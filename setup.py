@@ -1,0 +1,124 @@
+"""Build of vefast and its CUDA extension ``vefast._C``.
+
+Environment:
+  VEFAST_SKIP_CUDA_BUILD=1   build no extension (pure Python + Triton install).
+  VEFAST_CUDA_ARCHS          ';'-separated SM list, default "80;90" (e.g. "90a" for wgmma/TMA).
+  MAX_JOBS                   parallel nvcc jobs; default: the CPU count, at most 8.
+
+The extension is built whenever nvcc is found (PATH or CUDA_HOME), with or without a GPU.
+Its build metadata (torch, CUDA and Python versions, arch list) is written to
+``vefast/_build_info.json`` and compiled into the binary, so that ``vefast._ext`` can explain a
+mismatch instead of crashing on load.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _find_cuda_home() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and Path(home, "bin", "nvcc").exists():
+        return home
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return str(Path(os.path.realpath(nvcc)).parent.parent)
+    return None
+
+
+def _arch_list() -> list[str]:
+    raw = os.environ.get("VEFAST_CUDA_ARCHS", "80;90")
+    archs = [a.strip() for a in raw.replace(",", ";").split(";") if a.strip()]
+    for a in archs:
+        digits = a.rstrip("a")
+        if not digits.isdigit() or len(digits) < 2:
+            raise ValueError(f"VEFAST_CUDA_ARCHS: expected entries like 80, 90 or 90a, got {a!r} in {raw!r}")
+    return archs
+
+
+def _torch_arch(arch: str) -> str:
+    """SM name to torch's TORCH_CUDA_ARCH_LIST spelling: "80" -> "8.0", "90a" -> "9.0a"."""
+    suffix = "a" if arch.endswith("a") else ""
+    digits = arch.rstrip("a")
+    return f"{digits[:-1]}.{digits[-1]}{suffix}"
+
+
+def _nvcc_version(cuda_home: str) -> str:
+    out = subprocess.run([str(Path(cuda_home, "bin", "nvcc")), "--version"], capture_output=True, text=True).stdout
+    for tok in out.replace(",", " ").split():
+        if tok.startswith("V") and tok[1:2].isdigit():
+            return tok[1:]
+    return "unknown"
+
+
+def _extensions():
+    if os.environ.get("VEFAST_SKIP_CUDA_BUILD", "0") == "1":
+        print("vefast: VEFAST_SKIP_CUDA_BUILD=1, building without the CUDA extension", file=sys.stderr)
+        return [], {}
+    cuda_home = _find_cuda_home()
+    if cuda_home is None:
+        print("vefast: nvcc not found (PATH, CUDA_HOME): building without the CUDA extension", file=sys.stderr)
+        return [], {}
+    # torch.utils.cpp_extension reads CUDA_HOME at import; without a CUDA runtime it guesses wrong.
+    os.environ["CUDA_HOME"] = cuda_home
+    archs = _arch_list()
+    # "80" -> "8.0", "90a" -> "9.0a": torch turns TORCH_CUDA_ARCH_LIST into -gencode flags.
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(_torch_arch(a) for a in archs)
+    os.environ.setdefault("MAX_JOBS", str(min(8, os.cpu_count() or 1)))
+
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    info = {
+        "torch_version": torch.__version__,
+        "torch_cuda_version": torch.version.cuda,
+        "nvcc_version": _nvcc_version(cuda_home),
+        "cuda_archs": archs,
+        "python_version": ".".join(map(str, sys.version_info[:3])),
+    }
+    (ROOT / "vefast" / "_build_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    gen = ROOT / "build" / "vefast_generated"
+    gen.mkdir(parents=True, exist_ok=True)
+    header = "\n".join(
+        [
+            "#pragma once",
+            f'#define VEFAST_BUILD_TORCH_VERSION "{info["torch_version"]}"',
+            f'#define VEFAST_BUILD_CUDA_VERSION "{info["nvcc_version"]}"',
+            f'#define VEFAST_BUILD_ARCHS "{";".join(archs)}"',
+            "",
+        ]
+    )
+    hpath = gen / "vefast_build_info.h"
+    if not hpath.exists() or hpath.read_text() != header:
+        hpath.write_text(header)
+
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("kernels/*.cu"))
+    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+                  "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                  "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
+    ext = CUDAExtension(
+        name="vefast._C",
+        sources=sources,
+        include_dirs=[str(ROOT / "kernels"), str(ROOT / "csrc"), str(gen)],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(
+    packages=["vefast", "vefast.ops", "vefast.nn", "vefast.sampling", "vefast.models", "vefast.recipes",
+              "vefast.recipes.configs"],
+    package_data={"vefast": ["_build_info.json"], "vefast.recipes.configs": ["*.yaml"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

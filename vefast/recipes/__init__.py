@@ -1,0 +1,1 @@
+"""Full training / evaluation scripts behind the ``vefast`` CLI (toy, vr-table, tokenizer, DiT)."""
