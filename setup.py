@@ -25,14 +25,30 @@ from setuptools import setup
 ROOT = Path(__file__).resolve().parent
 
 
+def _is_toolkit(home: str | os.PathLike) -> bool:
+    return Path(home, "bin", "nvcc").exists() and any(Path(home).glob("lib*/libcudart.so*"))
+
+
 def _find_cuda_home() -> str | None:
+    """CUDA_HOME/CUDA_PATH if it holds a toolkit, else the toolkit of the nvcc on PATH.
+
+    nvcc on PATH may be a wrapper script, so the root is what nvcc itself reports (TOP=) rather
+    than its parent directory.
+    """
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and Path(home, "bin", "nvcc").exists():
+    if home and _is_toolkit(home):
         return home
     nvcc = shutil.which("nvcc")
-    if nvcc:
-        return str(Path(os.path.realpath(nvcc)).parent.parent)
-    return None
+    if nvcc is None:
+        return None
+    dry = subprocess.run([nvcc, "--dryrun", "-c", "x.cu"], capture_output=True, text=True)
+    for line in (dry.stdout + dry.stderr).splitlines():
+        if line.startswith("#$ TOP="):
+            top = os.path.realpath(line.split("=", 1)[1].strip())
+            if _is_toolkit(top):
+                return top
+    parent = Path(os.path.realpath(nvcc)).parent.parent
+    return str(parent) if _is_toolkit(parent) else None
 
 
 def _arch_list() -> list[str]:
