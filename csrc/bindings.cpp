@@ -23,9 +23,11 @@ pybind11::dict build_info() {
 int64_t probe_arch(int64_t device) {
   std::string error;
   const int arch = vefast::probe_arch(static_cast<int>(device), &error);
+  const bool missing_arch = error.find("no kernel image") != std::string::npos;
   TORCH_CHECK(arch >= 0, "vefast._C.probe_arch(device=", device, ") failed: ", error,
-              " (the extension was built for SM ", VEFAST_BUILD_ARCHS,
-              "; rebuild with VEFAST_CUDA_ARCHS naming this GPU's architecture)");
+              missing_arch ? " (the extension was built for SM " VEFAST_BUILD_ARCHS
+                             "; rebuild with VEFAST_CUDA_ARCHS naming this GPU's architecture)"
+                           : "");
   return arch;
 }
 }  // namespace
