@@ -9,6 +9,7 @@
 
 namespace vefast {
 // Op registrations, one line each: void register_<op>(pybind11::module_& m);
+void register_attention(pybind11::module_& m);
 }  // namespace vefast
 
 namespace {
@@ -38,4 +39,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("probe_arch", &probe_arch, pybind11::arg("device"),
         "Runs a one-thread kernel on `device` and returns the __CUDA_ARCH__ of the code that ran");
   // Op registrations, one line each: vefast::register_<op>(m);
+  vefast::register_attention(m);
 }

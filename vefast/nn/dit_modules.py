@@ -1,0 +1,252 @@
+"""Fused drop-in modules for DiT / SiT / LightningDiT blocks (MATH.md §7), used by :mod:`vefast.nn.patch`.
+
+Each fused module is built from the module it replaces and keeps that module's children under the
+same attribute names (``qkv``, ``proj``, ``q_norm``, ``norm1``, ``adaLN_modulation``, ``w12``, ...), so
+the Parameter objects are shared and ``state_dict`` keys are unchanged. Only ``forward`` differs:
+
+- :class:`FusedAttention`: qkv Linear -> (B, N, 3, H, hd) view -> ``vefast.ops.attention`` (no
+  permutes; q/k RMSNorm and 2D RoPE inside ``qk_norm_rope_attention`` when present) -> proj.
+- :class:`FusedSwiGLUFFN`: ``w3(swiglu(w12(x)))``.
+- :class:`FusedDiTBlock`: ``norm_modulate`` for norm1 + modulate, the attention residual fused with
+  norm2 + modulate (``gated_residual(..., norm_modulate=...)``), then the MLP gated residual.
+- :class:`FusedFinalLayer`: ``linear(norm_modulate(x, shift, scale))``.
+
+The ``describe_*`` helpers read a module's structure and return what the fused module needs, or a
+reason string when the module is not of a supported form.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn as nn
+
+from vefast.ops.gated_residual import gated_residual
+from vefast.ops.norm_modulate import norm_modulate
+from vefast.ops.swiglu import swiglu
+
+
+def _attention_ops():
+    """The attention op module (vefast.ops.attention), imported at call time."""
+    return importlib.import_module("vefast.ops.attention")
+
+
+# --------------------------------------------------------------------------------------------
+# structure checks
+# --------------------------------------------------------------------------------------------
+def describe_norm(norm: nn.Module, dim: int, *, allow_rms: bool = True) -> tuple[str, float] | str:
+    """("layernorm" | "rmsnorm", eps) for a norm over the last axis of size ``dim`` that
+    :func:`vefast.norm_modulate` computes (LayerNorm without bias; RMSNorm with optional weight),
+    else the reason it is not supported."""
+    if isinstance(norm, nn.LayerNorm):
+        if tuple(norm.normalized_shape) != (dim,):
+            return f"LayerNorm over {tuple(norm.normalized_shape)}, expected ({dim},)"
+        if norm.bias is not None:
+            return "LayerNorm with a bias (DiT norms are non-affine)"
+        return "layernorm", float(norm.eps)
+    rms_like = isinstance(norm, nn.RMSNorm) or type(norm).__name__.endswith("RMSNorm")
+    if rms_like and allow_rms:
+        weight = getattr(norm, "weight", None)
+        eps = getattr(norm, "eps", None)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            return f"{type(norm).__name__} without a numeric eps"
+        if weight is not None and (not isinstance(weight, nn.Parameter) or tuple(weight.shape) != (dim,)):
+            return f"{type(norm).__name__} weight is not a ({dim},) Parameter"
+        if getattr(norm, "bias", None) is not None:
+            return f"{type(norm).__name__} with a bias"
+        if isinstance(norm, nn.RMSNorm) and tuple(norm.normalized_shape) != (dim,):
+            return f"RMSNorm over {tuple(norm.normalized_shape)}, expected ({dim},)"
+        return "rmsnorm", float(eps)
+    return f"unsupported norm {type(norm).__name__}"
+
+
+def _norm_args(norm: nn.Module, kind: str, eps: float) -> tuple[str, torch.Tensor | None, float]:
+    return kind, getattr(norm, "weight", None), eps
+
+
+def describe_attention(attn: nn.Module, *, allow_qk_norm: bool) -> str | None:
+    """None when ``attn`` is a fused-qkv attention that :class:`FusedAttention` reproduces, else the reason."""
+    qkv, proj = getattr(attn, "qkv", None), getattr(attn, "proj", None)
+    heads = getattr(attn, "num_heads", None)
+    if not isinstance(qkv, nn.Linear) or not isinstance(proj, nn.Linear) or not isinstance(heads, int):
+        return "attention without qkv / proj Linears and an int num_heads"
+    head_dim = getattr(attn, "head_dim", qkv.out_features // 3 // max(heads, 1))
+    if qkv.out_features != 3 * heads * head_dim or proj.in_features != heads * head_dim:
+        return "qkv / proj shapes do not match num_heads * head_dim"
+    drop = getattr(attn, "attn_drop", None)
+    if drop is not None and not (isinstance(drop, nn.Dropout) and drop.p == 0):
+        return "attention dropout > 0"
+    if not isinstance(getattr(attn, "norm", nn.Identity()), nn.Identity):
+        return "attention output norm (scale_norm)"
+    if getattr(attn, "gate", None) is not None:
+        return "gated attention"
+    for name in ("q_norm", "k_norm"):
+        m = getattr(attn, name, nn.Identity())
+        if isinstance(m, nn.Identity):
+            continue
+        if not allow_qk_norm:
+            return f"{name} (use patch_lightningdit for qk-norm)"
+        if isinstance(describe_norm(m, head_dim), str) and not isinstance(m, nn.LayerNorm):
+            return f"unsupported {name} {type(m).__name__}"
+    return None
+
+
+def describe_block(block: nn.Module, *, lightning: bool) -> str | None:
+    """None when ``block`` is a DiT / SiT (or, with ``lightning``, LightningDiT) adaLN-Zero block, else the reason."""
+    ada = getattr(block, "adaLN_modulation", None)
+    if not (isinstance(ada, nn.Sequential) and len(ada) == 2 and isinstance(ada[0], nn.SiLU)
+            and isinstance(ada[1], nn.Linear)):
+        return "no adaLN_modulation = Sequential(SiLU, Linear)"
+    D = ada[1].in_features
+    if ada[1].out_features not in ((4 * D, 6 * D) if lightning else (6 * D,)):
+        return f"adaLN_modulation gives {ada[1].out_features} features, expected 6 * {D}"
+    for name in ("norm1", "norm2", "attn", "mlp"):
+        if not isinstance(getattr(block, name, None), nn.Module):
+            return f"no {name} module"
+    for name in ("norm1", "norm2"):
+        spec = describe_norm(getattr(block, name), D, allow_rms=lightning)
+        if isinstance(spec, str):
+            return f"{name}: {spec}"
+    return describe_attention(block.attn, allow_qk_norm=lightning)
+
+
+def describe_final_layer(layer: nn.Module, *, lightning: bool) -> str | None:
+    ada = getattr(layer, "adaLN_modulation", None)
+    if not (isinstance(ada, nn.Sequential) and len(ada) == 2 and isinstance(ada[0], nn.SiLU)
+            and isinstance(ada[1], nn.Linear) and ada[1].out_features == 2 * ada[1].in_features):
+        return "no adaLN_modulation = Sequential(SiLU, Linear(D, 2D))"
+    if not isinstance(getattr(layer, "linear", None), nn.Linear):
+        return "no linear"
+    spec = describe_norm(getattr(layer, "norm_final", None), ada[1].in_features, allow_rms=lightning) \
+        if isinstance(getattr(layer, "norm_final", None), nn.Module) else "no norm_final"
+    return spec if isinstance(spec, str) else None
+
+
+def is_swiglu_ffn(mlp: nn.Module) -> bool:
+    """An FFN ``w3(silu(x1) * x2)``, ``x1, x2 = w12(x).chunk(2, -1)`` (LightningDiT's SwiGLUFFN, by structure)."""
+    w12, w3 = getattr(mlp, "w12", None), getattr(mlp, "w3", None)
+    return (isinstance(w12, nn.Linear) and isinstance(w3, nn.Linear) and w12.out_features == 2 * w3.in_features
+            and type(mlp).__name__.startswith("SwiGLUFFN") and set(dict(mlp.named_children())) == {"w12", "w3"})
+
+
+# --------------------------------------------------------------------------------------------
+# fused modules
+# --------------------------------------------------------------------------------------------
+def _adopt(new: nn.Module, old: nn.Module, **replace: nn.Module) -> None:
+    """Register ``old``'s children on ``new`` under the same names and in the same order (so the
+    Parameter objects and the ``state_dict`` keys and order are those of ``old``), some replaced."""
+    for name, child in old.named_children():
+        new.add_module(name, replace.get(name, child))
+
+
+def _rope_tables(rope: object) -> tuple[torch.Tensor, torch.Tensor] | None:
+    cos, sin = getattr(rope, "freqs_cos", None), getattr(rope, "freqs_sin", None)
+    if isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor) and cos.dim() == 2 and cos.shape == sin.shape:
+        return cos, sin
+    return None
+
+
+class FusedAttention(nn.Module):
+    """Attention over the (B, N, 3, H, hd) qkv view with ``vefast.ops.attention`` (children shared with ``attn``)."""
+
+    def __init__(self, attn: nn.Module):
+        super().__init__()
+        _adopt(self, attn)
+        for name in ("q_norm", "k_norm", "proj_drop"):
+            if not hasattr(self, name):
+                setattr(self, name, nn.Identity())
+        self.num_heads = attn.num_heads
+        self.head_dim = getattr(attn, "head_dim", attn.qkv.out_features // 3 // attn.num_heads)
+        self.scale = float(getattr(attn, "scale", self.head_dim ** -0.5))
+        self.fused_attn = True
+        # q/k norms the fused kernel applies: both Identity, or both RMSNorm-like with one eps
+        specs = [m if isinstance(m, nn.Identity) else describe_norm(m, self.head_dim)
+                 for m in (self.q_norm, self.k_norm)]
+        rms = [s for s in specs if isinstance(s, tuple)]
+        self._qk_fusable = (all(isinstance(s, nn.Identity) or (isinstance(s, tuple) and s[0] == "rmsnorm") for s in specs)
+                            and len({s[1] for s in rms}) <= 1)
+        self._qk_eps = rms[0][1] if rms else 1e-6
+        self._has_qk_norm = bool(rms) or not all(isinstance(s, nn.Identity) for s in specs)
+
+    def _qk_weight(self, m: nn.Module) -> torch.Tensor | None:
+        if isinstance(m, nn.Identity):
+            return None
+        w = getattr(m, "weight", None)
+        return w if w is not None else torch.ones(self.head_dim, device=self.qkv.weight.device)
+
+    def forward(self, x: torch.Tensor, rope: nn.Module | None = None) -> torch.Tensor:
+        B, N, C = x.shape
+        ops = _attention_ops()
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
+        tables = _rope_tables(rope) if rope is not None else None
+        if self._qk_fusable and (rope is None or tables is not None) and (self._has_qk_norm or tables is not None):
+            out = ops.qk_norm_rope_attention(qkv, self._qk_weight(self.q_norm), self._qk_weight(self.k_norm), tables,
+                                             eps=self._qk_eps, scale=self.scale)
+        else:
+            q, k, v = qkv.unbind(2)
+            q, k = self.q_norm(q), self.k_norm(k)
+            if rope is not None:  # a rope module acts on (..., N, hd): apply it in the (B, H, N, hd) layout
+                q, k = rope(q.transpose(1, 2)).transpose(1, 2), rope(k.transpose(1, 2)).transpose(1, 2)
+                q, k = q.to(v.dtype), k.to(v.dtype)
+            out = ops.attention(q, k, v, scale=self.scale)
+        return self.proj_drop(self.proj(out.reshape(B, N, C)))
+
+
+class FusedSwiGLUFFN(nn.Module):
+    """``w3(vefast.swiglu(w12(x)))`` (children shared with the SwiGLUFFN it replaces)."""
+
+    def __init__(self, ffn: nn.Module):
+        super().__init__()
+        _adopt(self, ffn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w3(swiglu(self.w12(x)))
+
+
+class FusedDiTBlock(nn.Module):
+    """An adaLN-Zero block (DiT / SiT / LightningDiT) on the fused ops; children shared with ``block``.
+
+    forward(x, c, feat_rope=None):
+        h      = norm_modulate(x, shift_msa, scale_msa)                  (norm1)
+        x, h2  = gated_residual(x, attn(h), gate_msa, norm_modulate=(shift_mlp, scale_mlp))   (norm2)
+        return   gated_residual(x, mlp(h2), gate_mlp)
+    """
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        _adopt(self, block, attn=block.attn if isinstance(block.attn, FusedAttention) else FusedAttention(block.attn),
+               mlp=FusedSwiGLUFFN(block.mlp) if is_swiglu_ffn(block.mlp) else block.mlp)
+        D = self.adaLN_modulation[1].in_features
+        self.wo_shift = self.adaLN_modulation[1].out_features == 4 * D
+        self._specs = [describe_norm(n, D) for n in (self.norm1, self.norm2)]
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, feat_rope: nn.Module | None = None) -> torch.Tensor:
+        if self.wo_shift:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+            shift_msa = shift_mlp = None
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        (k1, e1), (k2, e2) = self._specs
+        h = norm_modulate(x, shift_msa, scale_msa, norm=k1, weight=getattr(self.norm1, "weight", None), eps=e1)
+        a = self.attn(h, rope=feat_rope)
+        x, h = gated_residual(x, a, gate_msa, norm_modulate=_norm_modulate_args(shift_mlp, scale_mlp, self.norm2, k2, e2))
+        return gated_residual(x, self.mlp(h), gate_mlp)
+
+
+def _norm_modulate_args(shift, scale, norm: nn.Module, kind: str, eps: float) -> tuple:
+    return shift, scale, *_norm_args(norm, kind, eps)
+
+
+class FusedFinalLayer(nn.Module):
+    """``linear(norm_modulate(x, shift, scale))`` with (shift, scale) = adaLN_modulation(c) (children shared)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        _adopt(self, layer)
+        self._spec = describe_norm(self.norm_final, self.adaLN_modulation[1].in_features)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        kind, eps = self._spec
+        return self.linear(norm_modulate(x, shift, scale, norm=kind, weight=getattr(self.norm_final, "weight", None),
+                                         eps=eps))

@@ -1,0 +1,328 @@
+"""Fused adaLN modulation of a normalized activation (MATH.md §7; DiT eq. "adaLN-Zero").
+
+    out[b, n, :] = norm(x[b, n, :]) * weight * (1 + scale[b, :]) + shift[b, :]
+
+with ``norm`` the non-affine LayerNorm of DiT / SiT, ``(x - mean) / sqrt(var + eps)``, or the
+RMSNorm of LightningDiT, ``x / sqrt(mean(x^2) + eps)``; ``weight`` (D,) is the optional affine
+weight of the norm (LightningDiT's ``RMSNorm.weight``), ``shift`` is optional (LightningDiT's
+``wo_shift``). x is (B, N, D); shift and scale are (B, D), broadcast over the N tokens.
+
+Choices:
+- Forward: one pass over x; mean / rstd in fp32 registers, whatever the input dtype.
+- Backward: one pass over (dout, x); mean / rstd are recomputed from x instead of being saved, and
+  the normalized activation is never stored (eager saves ``norm(x)`` for the product with
+  ``1 + scale``: one (B, N, D) activation per call). dshift / dscale / dweight are reduced
+  deterministically: each program writes fp32 partial sums over its chunk of tokens into a
+  (B, chunks, D) buffer, and one ``sum`` over the chunk axis finishes them (no float atomics).
+  With P[b] = sum_n dout * xhat:  dscale = P * weight, dshift = sum_n dout,
+  dweight = sum_b (1 + scale[b]) * P[b].
+- The output dtype is the promotion of the input dtypes, as in eager PyTorch. float64 inputs run
+  the eager reference (the kernels compute in fp32).
+- Strides of x, shift, scale and of the incoming gradient are passed to the kernels (shift/scale
+  are usually chunks of the adaLN output, stride (6D, 1); gradients of ``sum`` have stride 0).
+"""
+from __future__ import annotations
+
+from functools import reduce
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import check_finite_number, check_same_device, check_tensor, report_once, use_triton
+
+NORMS = ("layernorm", "rmsnorm")
+
+
+class NormModulateArgs(NamedTuple):
+    """The arguments of :func:`norm_modulate` after ``x``; a plain tuple ``(shift, scale)`` or
+    ``(shift, scale, norm, weight, eps)`` is accepted wherever this is."""
+
+    shift: torch.Tensor | None
+    scale: torch.Tensor
+    norm: str = "layernorm"
+    weight: torch.Tensor | None = None
+    eps: float = 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# eager reference (the module sequence of DiT / LightningDiT; any dtype, float64 in tests)
+# --------------------------------------------------------------------------------------------
+def norm_reference(x: torch.Tensor, norm: str, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``nn.LayerNorm(D, elementwise_affine=weight is not None, bias=False)`` or LightningDiT's
+    ``RMSNorm`` (fp32 statistics, cast back to ``x.dtype``, then ``* weight``)."""
+    if norm == "layernorm":
+        return F.layer_norm(x, (x.shape[-1],), weight, None, eps)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    h = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+    return h * weight if weight is not None else h
+
+
+def modulate_reference(h: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
+    """DiT's ``modulate``: ``h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)``."""
+    out = h * (1 + scale.unsqueeze(1))
+    return out + shift.unsqueeze(1) if shift is not None else out
+
+
+def norm_modulate_reference(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor, *,
+                            norm: str = "layernorm", weight: torch.Tensor | None = None,
+                            eps: float = 1e-6) -> torch.Tensor:
+    """Eager ``modulate(norm(x), shift, scale)``."""
+    return modulate_reference(norm_reference(x, norm, weight, eps), shift, scale)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _normalize(x, cmask, D, eps, IS_RMS: tl.constexpr):
+    """Rows of fp32 ``x`` [BLOCK_N, BLOCK_D] (zero where ``cmask`` is off) -> (xhat, rstd)."""
+    if IS_RMS:
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+        xhat = x * rstd[:, None]
+    else:
+        mean = tl.sum(x, axis=1) / D
+        xc = tl.where(cmask[None, :], x - mean[:, None], 0.0)
+        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
+        xhat = xc * rstd[:, None]
+    return xhat, rstd
+
+
+@triton.jit
+def _normalize_bwd(g, xhat, rstd, D, IS_RMS: tl.constexpr):
+    """Gradient through the normalization: ``g`` = dL/dxhat (zero where masked) -> dL/dx."""
+    c2 = tl.sum(g * xhat, axis=1) / D
+    if IS_RMS:
+        dx = (g - xhat * c2[:, None]) * rstd[:, None]
+    else:
+        c1 = tl.sum(g, axis=1) / D
+        dx = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
+    return dx
+
+
+@triton.jit
+def _load_modulation(SHIFT, SCALE, W, b, cols, cmask, s_shb, s_shd, s_scb, s_scd, s_w,
+                     HAS_SHIFT: tl.constexpr, HAS_W: tl.constexpr):
+    """fp32 vectors (shift, 1 + scale, weight) of sample ``b`` over ``cols``."""
+    scale1 = 1.0 + tl.load(SCALE + b * s_scb + cols * s_scd, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_SHIFT:
+        shift = tl.load(SHIFT + b * s_shb + cols * s_shd, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        shift = tl.zeros_like(scale1)
+    if HAS_W:
+        w = tl.load(W + cols * s_w, mask=cmask, other=0.0).to(tl.float32)
+    else:
+        w = tl.full(scale1.shape, 1.0, tl.float32)
+    return shift, scale1, w
+
+
+@triton.jit
+def _nm_fwd_kernel(X, SHIFT, SCALE, W, OUT, N, D, eps,
+                   s_xb, s_xn, s_xd, s_shb, s_shd, s_scb, s_scd, s_w, s_ob, s_on,
+                   IS_RMS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_W: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_n = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    mask = (rows < N)[:, None] & cmask[None, :]
+    x = tl.load(X + b * s_xb + rows[:, None] * s_xn + cols[None, :] * s_xd, mask=mask, other=0.0).to(tl.float32)
+    xhat, rstd = _normalize(x, cmask, D, eps, IS_RMS)
+    shift, scale1, w = _load_modulation(SHIFT, SCALE, W, b, cols, cmask, s_shb, s_shd, s_scb, s_scd, s_w,
+                                        HAS_SHIFT, HAS_W)
+    out = xhat * (w * scale1)[None, :] + shift[None, :]
+    tl.store(OUT + b * s_ob + rows[:, None] * s_on + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _nm_bwd_kernel(DOUT, X, SCALE, W, DX, PART_P, PART_Q, N, D, eps, tiles_per_prog, n_chunks,
+                   s_gb, s_gn, s_gd, s_xb, s_xn, s_xd, s_scb, s_scd, s_w, s_dxb, s_dxn,
+                   IS_RMS: tl.constexpr, HAS_W: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    _, scale1, w = _load_modulation(SCALE, SCALE, W, b, cols, cmask, 0, 0, s_scb, s_scd, s_w, False, HAS_W)
+    ws = (w * scale1)[None, :]
+    acc_p = tl.zeros([BLOCK_D], dtype=tl.float32)
+    acc_q = tl.zeros([BLOCK_D], dtype=tl.float32)
+    t = 0
+    while t < tiles_per_prog:  # a while loop: the interpreter rejects range() over a runtime bound
+        rows = (pid * tiles_per_prog + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rows < N)[:, None] & cmask[None, :]
+        x = tl.load(X + b * s_xb + rows[:, None] * s_xn + cols[None, :] * s_xd, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(DOUT + b * s_gb + rows[:, None] * s_gn + cols[None, :] * s_gd, mask=mask, other=0.0).to(tl.float32)
+        xhat, rstd = _normalize(x, cmask, D, eps, IS_RMS)
+        acc_p += tl.sum(g * xhat, axis=0)
+        acc_q += tl.sum(g, axis=0)
+        dx = _normalize_bwd(g * ws, xhat, rstd, D, IS_RMS)
+        tl.store(DX + b * s_dxb + rows[:, None] * s_dxn + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        t += 1
+    part = (b * n_chunks + pid) * D + cols
+    tl.store(PART_P + part, acc_p, mask=cmask)
+    tl.store(PART_Q + part, acc_q, mask=cmask)
+
+
+# --------------------------------------------------------------------------------------------
+# launchers (shared with vefast.ops.gated_residual)
+# --------------------------------------------------------------------------------------------
+def row_blocks(D: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_D, num_warps) for kernels that keep whole rows of length D in registers."""
+    block_d = triton.next_power_of_2(D)
+    block_n = max(1, min(16, 4096 // block_d))
+    num_warps = 4 if block_d <= 1024 else (8 if block_d <= 4096 else 16)
+    return block_n, block_d, num_warps
+
+
+def chunking(B: int, N: int, block_n: int, target_programs: int = 264) -> tuple[int, int]:
+    """(tiles_per_program, chunks per sample) of a backward grid (chunks, B) with ~target programs."""
+    n_tiles = triton.cdiv(N, block_n)
+    chunks = max(1, min(n_tiles, triton.cdiv(target_programs, B)))
+    tiles = triton.cdiv(n_tiles, chunks)
+    return tiles, triton.cdiv(n_tiles, tiles)
+
+
+def promoted(*tensors: torch.Tensor | None) -> torch.dtype:
+    return reduce(torch.promote_types, [t.dtype for t in tensors if t is not None])
+
+
+def mod_strides(shift: torch.Tensor | None, scale: torch.Tensor, weight: torch.Tensor | None) -> tuple[int, ...]:
+    s_sh = shift.stride() if shift is not None else (0, 0)
+    return (*s_sh, *scale.stride(), weight.stride(0) if weight is not None else 0)
+
+
+def finish_modulation_grads(part_p: torch.Tensor, part_q: torch.Tensor, shift: torch.Tensor | None,
+                            scale: torch.Tensor, weight: torch.Tensor | None, x: torch.Tensor):
+    """(dshift, dscale, dweight) from the (B, chunks, D) fp32 partials; empty tensors stand for None."""
+    p = part_p.sum(1)
+    dscale = (p * weight.float() if weight is not None else p).to(scale.dtype)
+    dshift = part_q.sum(1).to(shift.dtype) if shift is not None else x.new_empty(0)
+    dweight = ((1.0 + scale.float()) * p).sum(0).to(weight.dtype) if weight is not None else x.new_empty(0)
+    return dshift, dscale, dweight
+
+
+def _nm_fwd(x, shift, scale, weight, rms: bool, eps: float) -> torch.Tensor:
+    B, N, D = x.shape
+    out = torch.empty((B, N, D), dtype=promoted(x, shift, scale, weight), device=x.device)
+    block_n, block_d, num_warps = row_blocks(D)
+    grid = (triton.cdiv(N, block_n), B)
+    _nm_fwd_kernel[grid](x, shift if shift is not None else scale, scale, weight if weight is not None else scale,
+                         out, N, D, eps, *x.stride(), *mod_strides(shift, scale, weight), out.stride(0), out.stride(1),
+                         IS_RMS=rms, HAS_SHIFT=shift is not None, HAS_W=weight is not None,
+                         BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+    return out
+
+
+def _nm_bwd(dout, x, shift, scale, weight, rms: bool, eps: float):
+    B, N, D = x.shape
+    block_n, block_d, num_warps = row_blocks(D)
+    tiles, chunks = chunking(B, N, block_n)
+    dx = torch.empty((B, N, D), dtype=x.dtype, device=x.device)
+    part_p = torch.empty((B, chunks, D), dtype=torch.float32, device=x.device)
+    part_q = torch.empty_like(part_p)
+    _nm_bwd_kernel[(chunks, B)](dout, x, scale, weight if weight is not None else scale, dx, part_p, part_q,
+                                N, D, eps, tiles, chunks, *dout.stride(), *x.stride(), *scale.stride(),
+                                weight.stride(0) if weight is not None else 0, dx.stride(0), dx.stride(1),
+                                IS_RMS=rms, HAS_W=weight is not None,
+                                BLOCK_N=block_n, BLOCK_D=block_d, num_warps=num_warps)
+    return (dx, *finish_modulation_grads(part_p, part_q, shift, scale, weight, x))
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library ops
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("vefast::norm_modulate", mutates_args=())
+def _norm_modulate_op(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor,
+                      weight: torch.Tensor | None, rms: bool, eps: float) -> torch.Tensor:
+    return _nm_fwd(x, shift, scale, weight, rms, eps)
+
+
+@_norm_modulate_op.register_fake
+def _(x, shift, scale, weight, rms, eps):
+    return x.new_empty(x.shape, dtype=promoted(x, shift, scale, weight))
+
+
+@torch.library.custom_op("vefast::norm_modulate_backward", mutates_args=())
+def _norm_modulate_bwd_op(dout: torch.Tensor, x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor,
+                          weight: torch.Tensor | None, rms: bool, eps: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _nm_bwd(dout, x, shift, scale, weight, rms, eps)
+
+
+@_norm_modulate_bwd_op.register_fake
+def _(dout, x, shift, scale, weight, rms, eps):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            shift.new_empty(shift.shape) if shift is not None else x.new_empty(0), scale.new_empty(scale.shape),
+            weight.new_empty(weight.shape) if weight is not None else x.new_empty(0))
+
+
+def _nm_setup_context(ctx, inputs, output):
+    x, shift, scale, weight, rms, eps = inputs
+    ctx.save_for_backward(x, shift, scale, weight)
+    ctx.rms, ctx.eps = rms, eps
+
+
+def _nm_backward(ctx, dout):
+    x, shift, scale, weight = ctx.saved_tensors
+    dx, dshift, dscale, dweight = _norm_modulate_bwd_op(dout, x, shift, scale, weight, ctx.rms, ctx.eps)
+    return dx, (dshift if shift is not None else None), dscale, (dweight if weight is not None else None), None, None
+
+
+_norm_modulate_op.register_autograd(_nm_backward, setup_context=_nm_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+def check_norm_modulate_args(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor, norm: str,
+                             weight: torch.Tensor | None, eps: float) -> None:
+    """Argument checks shared with :func:`vefast.gated_residual` (x: (B, N, D))."""
+    check_tensor("x", x)
+    check_tensor("scale", scale)
+    if shift is not None:
+        check_tensor("shift", shift)
+    if weight is not None:
+        check_tensor("weight", weight)
+    if x.dim() != 3:
+        raise ValueError(f"x must have shape (B, N, D), got {tuple(x.shape)}")
+    B, _, D = x.shape
+    if scale.shape != (B, D):
+        raise ValueError(f"scale must have shape (B, D) = {(B, D)}, got {tuple(scale.shape)}")
+    if shift is not None and shift.shape != (B, D):
+        raise ValueError(f"shift must have shape (B, D) = {(B, D)}, got {tuple(shift.shape)}")
+    if weight is not None and weight.shape != (D,):
+        raise ValueError(f"weight must have shape (D,) = {(D,)}, got {tuple(weight.shape)}")
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    check_finite_number("eps", eps, min_value=0.0, strict=True)
+    check_same_device(x=x, shift=shift, scale=scale, weight=weight)
+
+
+def fused_path(op: str, *tensors: torch.Tensor | None) -> bool:
+    """Whether the Triton kernels of ``op`` run for these tensors; reports the eager fallback once."""
+    present = [t for t in tensors if t is not None]
+    if not use_triton(*present):
+        report_once(f"{op}:cpu", f"{op}: CPU tensors run the eager reference (Triton needs CUDA or TRITON_INTERPRET=1)")
+        return False
+    if any(t.dtype == torch.float64 for t in present):
+        report_once(f"{op}:float64", f"{op}: float64 inputs run the eager reference (the kernels compute in fp32)")
+        return False
+    return True
+
+
+def norm_modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor, *, norm: str = "layernorm",
+                  weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """``norm(x) * weight * (1 + scale) + shift`` over the last axis (MATH.md §7, DiT's adaLN modulate).
+
+    x: (B, N, D); shift (or None), scale: (B, D) broadcast over tokens; norm: "layernorm"
+    (non-affine, DiT / SiT) or "rmsnorm" (LightningDiT); weight: optional (D,) norm weight.
+    Returns (B, N, D) in the promoted dtype of the inputs. Differentiable in x, shift, scale, weight.
+    """
+    check_norm_modulate_args(x, shift, scale, norm, weight, eps)
+    if not fused_path("norm_modulate", x, shift, scale, weight) or x.numel() == 0:
+        return norm_modulate_reference(x, shift, scale, norm=norm, weight=weight, eps=eps)
+    return _norm_modulate_op(x, shift, scale, weight, norm == "rmsnorm", float(eps))

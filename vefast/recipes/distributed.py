@@ -1,0 +1,141 @@
+"""torchrun DDP for the recipes: NCCL on GPUs, gloo on CPU; rank 0 writes.
+
+``torchrun --nproc_per_node=N -m vefast.cli train-dit ...`` sets RANK / WORLD_SIZE / LOCAL_RANK;
+without them the run is a single process and nothing is initialized.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import os
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto``: ``cuda:<local_rank>`` when CUDA is available, else CPU. ``cpu`` / ``cuda`` force one."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device: expected 'auto', 'cpu' or 'cuda', got {name!r}")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    return torch.device("cuda", local_rank)
+
+
+def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInfo:
+    """Initialize the process group from torchrun's environment (no-op for a single process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                **({"device_id": dev} if dev.type == "cuda" else {}))
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        dist.barrier()
+
+
+def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Mean of ``t`` over ranks (a copy; ``t`` is unchanged)."""
+    if not info.distributed:
+        return t.clone()
+    out = t.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / info.world_size
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's ``obj`` on every rank (JSON-like values only in the recipes)."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def wrap_ddp(model: torch.nn.Module, info: DistInfo, **kwargs) -> torch.nn.Module:
+    """``DistributedDataParallel(model)`` when distributed, else the model itself."""
+    if not info.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DDP(model, device_ids=ids, **kwargs)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (run seed, step, rank, stream): independent streams, stable across runs."""
+    h = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+def reseed(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
+    """Seed the global RNGs for one training step and return a generator on ``device`` for its noise.
+
+    Every random draw of a step is a function of (seed, step, rank), so a resumed run reproduces the
+    uninterrupted one exactly without carrying RNG state between steps.
+    """
+    torch.manual_seed(derive_seed(seed, step, rank, 0))
+    g = torch.Generator(device=device)
+    g.manual_seed(derive_seed(seed, step, rank, 1))
+    return g
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA when ``precision == "bf16"``; a no-op context otherwise (CPU runs in fp32,
+    which keeps CPU runs bitwise reproducible)."""
+    import contextlib
+
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"precision: expected 'bf16' or 'fp32', got {precision!r}")
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def replica_divergence(module: torch.nn.Module, info: DistInfo) -> float:
+    """max |p_rank - p_rank'| over every parameter and rank (0.0 when the replicas are identical, and
+    for a single process). All ranks must call it; the recipes log it at every checkpoint."""
+    if not info.distributed:
+        return 0.0
+    flat = torch.cat([p.detach().float().flatten() for p in module.parameters()])
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return float((hi - lo).abs().max())

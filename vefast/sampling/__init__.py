@@ -1,0 +1,9 @@
+"""Timestep sampling for flow-matching training (MATH.md §4-6; seed 004): paths, the separation
+function, the VR-sampling density and sampler, logit-normal and uniform samplers."""
+from .paths import PATHS, Path, path
+from .samplers import LogitNormalSampler, TimestepSampler, UniformSampler
+from .separation import separation_function
+from .vr import VRTimestepSampler
+
+__all__ = ["PATHS", "Path", "path", "separation_function", "VRTimestepSampler", "LogitNormalSampler",
+           "UniformSampler", "TimestepSampler"]

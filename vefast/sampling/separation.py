@@ -1,0 +1,119 @@
+"""Public separation function ``S_hat(r)`` (seed 004, eq. 3.3; MATH.md §5): argument checks,
+standardization, common random numbers, dispatch to the Gram-form paths of
+:mod:`vefast.ops.separation`."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..ops import _common
+from ..ops import separation as _sep
+
+
+def _as_snr(snr: torch.Tensor | Sequence[float] | float) -> torch.Tensor:
+    if isinstance(snr, bool) or not isinstance(snr, (torch.Tensor, Sequence, int, float)):
+        raise TypeError(f"snr must be a tensor, a sequence of numbers or a number, got {type(snr).__name__}")
+    try:
+        s = torch.as_tensor(snr, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(f"snr must hold real numbers: {e}") from None
+    if s.numel() == 0:
+        raise ValueError("snr must hold at least one value, got an empty input")
+    bad = ~(torch.isfinite(s) & (s > 0))
+    if bool(bad.any()):
+        raise ValueError(f"snr values must be finite and > 0, got {s[bad][0].item()}")
+    return s
+
+
+def _flatten_rows(name: str, t: torch.Tensor) -> torch.Tensor:
+    _common.check_tensor(name, t)
+    if t.dim() < 2:
+        raise ValueError(f"{name} must have shape (rows, ...) with at least 2 dims, got {tuple(t.shape)}")
+    t = t.reshape(t.shape[0], -1)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite, got NaN or inf values")
+    return t
+
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """Zero mean and unit population std per dimension over the rows (MATH §5: ``mean ||x||^2 / d = 1``),
+    returned in float64 so that ``tr(G) / (M d) = 1`` to float64 rounding (it offsets ``1 - S_hat``)."""
+    x64 = x.double()
+    std = x64.std(dim=0, unbiased=False)
+    const = int((std == 0).sum())
+    if const:
+        raise ValueError(f"x1 has {const} constant dimension(s) over its {x.shape[0]} rows; they cannot be "
+                         "standardized (drop them or pass normalize=False)")
+    return (x64 - x64.mean(dim=0)) / std
+
+
+def draw_noise(k: int, d: int, *, dtype: torch.dtype, device: torch.device,
+               generator: torch.Generator | None) -> torch.Tensor:
+    """K standard normal rows of dimension d, drawn on the generator's device, then moved to ``device``."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(k, d, generator=generator, dtype=dtype, device=gen_device).to(device)
+
+
+def separation_function(x1: torch.Tensor, snr: torch.Tensor | Sequence[float] | float, *, num_noise: int = 500,
+                        noise: torch.Tensor | None = None, normalize: bool = True,
+                        generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+    """Monte Carlo separation function of seed 004 eq. 3.3 (MATH.md §5), exact Gram form.
+
+    ``S_hat(r) = 1/(M K d) sum_il || sum_j softmax_j(-r^2 ||x1_i + e_l / r - x1_j||^2 / 2) x1_j ||^2``
+    (j = i included) for every r in ``snr``, with the same K noise rows for every r (common random
+    numbers, a smooth curve).
+
+    Args:
+        x1: (M, ...) data rows, flattened to d; float32 / float64 (bf16 / fp16 run in fp32). M >= 2.
+        snr: SNR values r = alpha_t / sigma_t > 0 (any shape, flattened).
+        num_noise: K, noise rows drawn from ``generator`` when ``noise`` is None.
+        noise: explicit (K, ...) noise rows flattening to d (exact tests); ``num_noise`` is then unused.
+        normalize: standardize each dimension over the M rows (zero mean, population std 1).
+        generator: source of the noise (drawn on its device; torch's default CPU generator if None).
+        progress: show a tqdm bar over the r values (torch path).
+
+    Returns:
+        float64 tensor of S_hat, one per r (per-row terms in fp32 for fp32 inputs, sums in float64).
+        ``1 - S_hat`` is accurate even where S_hat -> 1 (the complement is accumulated directly).
+
+    Dispatch: float64 input -> torch Gram path in float64 (any device); otherwise a CUDA tensor (or
+    TRITON_INTERPRET=1) -> the fused Triton kernel, a CPU tensor -> torch Gram path in fp32.
+    """
+    x = _flatten_rows("x1", x1)
+    m, d = x.shape
+    if m < 2:
+        raise ValueError(f"x1 must have at least M = 2 rows, got {m}")
+    r = _as_snr(snr)
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if noise is None:
+        if isinstance(num_noise, bool) or not isinstance(num_noise, int) or num_noise < 1:
+            raise ValueError(f"num_noise must be an int >= 1, got {num_noise!r}")
+        e = draw_noise(num_noise, d, dtype=work, device=x.device, generator=generator)
+    else:
+        e = _flatten_rows("noise", noise)
+        if e.shape[1] != d:
+            raise ValueError(f"noise rows must have d = {d} elements like x1's, got {e.shape[1]}")
+        _common.check_same_device(x1=x, noise=e)
+    x = standardize(x) if normalize else x
+    st = _sep.gram_stats(x, e)
+    k = e.shape[0]
+    r = r.to(x.device)
+    if work == torch.float32 and _common.use_triton(x):
+        comp = _sep.separation_complement_triton(st, r)
+    else:
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=r.numel(), desc="separation S(r)", unit="snr")
+        try:
+            comp = _sep.separation_complement_torch(x, st, r, dtype=work,
+                                                    progress=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
+    trace = st["gdiag"].sum()
+    return trace / (m * d) - comp / (m * k * d)
