@@ -147,6 +147,16 @@ def test_cpu_eager_path_without_interpreter(monkeypatch):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_float64_runs_reference_and_is_reported(device):
+    from vefast.ops._common import reported_fallbacks
+
+    p, t = make((3, 20), dtype=torch.float64, device=device, seed=8)
+    out = vefast.align_loss(p, t)
+    assert out.loss.dtype == torch.float64
+    torch.testing.assert_close(out.loss, math_align(p, t, 0.9, 0.1, 1.0)[0], rtol=1e-12, atol=1e-12)
+    assert "align_loss_float64" in reported_fallbacks()
+
+
 def test_bad_inputs():
     p, t = make((3, 20))
     with pytest.raises(ValueError, match="target must have the shape of pred"):

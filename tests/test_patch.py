@@ -14,7 +14,7 @@ from vefast.nn import patch_dit, patch_lightningdit
 from vefast.nn.dit_modules import FusedAttention, FusedDiTBlock, FusedFinalLayer, FusedSwiGLUFFN
 from vefast.ops import _common
 
-TINY = dict(input_size=8, patch_size=2, hidden_size=48, depth=2, num_heads=2, num_classes=10)
+TINY = dict(input_size=4, patch_size=1, hidden_size=32, depth=1, num_heads=2, num_classes=10)
 
 
 def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -29,7 +29,7 @@ def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 
 def _data(C=4, B=2):
     g = torch.Generator().manual_seed(1)
-    return (torch.randn(B, C, 8, 8, generator=g), torch.rand(B, generator=g) * 1000,
+    return (torch.randn(B, C, 4, 4, generator=g), torch.rand(B, generator=g) * 1000,
             torch.randint(0, 10, (B,), generator=g))
 
 
@@ -87,7 +87,7 @@ def test_timm_built_block_is_recognized():
     from timm.models.vision_transformer import Attention, Mlp
 
     class Block(nn.Module):
-        def __init__(self, D=48, H=2):
+        def __init__(self, D=32, H=2):
             super().__init__()
             self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
             self.attn = Attention(D, num_heads=H, qkv_bias=True)
@@ -102,7 +102,7 @@ def test_timm_built_block_is_recognized():
 
     model = nn.Sequential()
     model.add_module("block", _randomize(Block()))
-    x, c = torch.randn(2, 16, 48), torch.randn(2, 48)
+    x, c = torch.randn(2, 16, 32), torch.randn(2, 32)
     ref = model.block(x, c)
     patch_dit(model)
     assert isinstance(model.block, FusedDiTBlock)
@@ -110,9 +110,9 @@ def test_timm_built_block_is_recognized():
 
 
 def test_unrecognized_modules_are_left_as_is():
-    model = DiT(**TINY)
+    model = DiT(**{**TINY, "depth": 2})
     biased = model.blocks[1]
-    biased.norm1 = nn.LayerNorm(48, eps=1e-6)  # affine LayerNorm with a bias: not DiT's norm
+    biased.norm1 = nn.LayerNorm(32, eps=1e-6)  # affine LayerNorm with a bias: not DiT's norm
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         patch_dit(model)

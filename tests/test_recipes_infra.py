@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from vefast.recipes import checkpoint as ck
-from vefast.recipes.config import CONFIG_DIR, ConfigError, build_config, load_config, parse_overrides, resume_mismatch
+from vefast.recipes.config import CONFIG_DIR, ConfigError, load_config, parse_overrides, resume_mismatch
 from vefast.recipes.data import (LatentShardDataset, ImageFolderDataset, StepSampler, SyntheticImageDataset,
                                  read_latent_stats, shard_range)
 from vefast.recipes.dit import DiTConfig

@@ -53,8 +53,9 @@ def inputs(shape, dtype, *, lv_scale=1.5, seed=0):
 def upstream(outs, dtype, seed=1):
     """Random upstream gradients for every output (z in its dtype, losses as 0-dim scalars)."""
     g = torch.Generator().manual_seed(seed)
-    grads = [torch.randn(outs[0].shape, generator=g).to(dtype)]
-    grads += [torch.randn((), generator=g).to(o.dtype) for o in outs[1:]]
+    dev = outs[0].device
+    grads = [torch.randn(outs[0].shape, generator=g).to(device=dev, dtype=dtype)]
+    grads += [torch.randn((), generator=g).to(device=dev, dtype=o.dtype) for o in outs[1:]]
     return grads
 
 
@@ -66,8 +67,9 @@ def leaf(t, dtype=None):
     return t.detach().to(dtype or t.dtype).requires_grad_()
 
 
-def floor_for(ref):
-    return 2.0**-22 * (ref.abs().max().item() + 1.0)
+def floor_for(ref, zmax=0.0):
+    """A few fp32 ulps of ``ref``; VE terms get the conditioning of exp(|z| - tau) (|z| times that)."""
+    return 2.0**-22 * (ref.abs().max().item() + 1.0) * (1.0 + zmax)
 
 
 def check_against_reference(kind, mean, logvar, noise, reduction, *, call=None):
@@ -82,29 +84,38 @@ def check_against_reference(kind, mean, logvar, noise, reduction, *, call=None):
     assert outs[0].dtype == mean.dtype and outs[0].shape == mean.shape
     for o in outs[1:]:
         assert o.dim() == 0 and o.dtype == torch.float32
+    zmax = ref[0].abs().max().item() if kind == "ve" else 0.0
     for f, e, r in zip(outs, eag, ref):
-        err_bound(f, e, r.detach(), floor=floor_for(r))
+        assert torch.isfinite(e).all(), "inputs out of the dtype's range: the comparison would be vacuous"
+        err_bound(f, e, r.detach(), floor=floor_for(r, zmax))
     gouts = upstream(outs, mean.dtype)
     gf = grads_of(outs, (m, lv), gouts)
     gr = grads_of(ref, (m64, lv64), [g.double() for g in gouts])
     ge = grads_of(eag, (me, lve), [g.to(e.dtype) for g, e in zip(gouts, eag)])
     for f, e, r in zip(gf, ge, gr):
+        assert torch.isfinite(e).all(), "inputs out of the dtype's range: the comparison would be vacuous"
         assert f.dtype == mean.dtype and f.shape == mean.shape
-        err_bound(f, e, r, floor=floor_for(r))
+        err_bound(f, e, r, floor=floor_for(r, zmax))
 
 
 # ---------------------------------------------------------------------------------------------
 # values and gradients vs float64
 # ---------------------------------------------------------------------------------------------
-SHAPES = [((1,), "mean"), ((7,), "sum"), ((3, 5), "mean"), ((2, 4, 3, 3), "sum"), ((2, 3, 17, 5), "mean"),
-          ((3, 1100), "sum")]
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+# odd sizes, 1 element, 4-D latents, more than one program (3 x 1100); every dtype meets both kinds and reductions
+CASES = [
+    ("ve", F32, (1,), "mean"), ("kl", F32, (7,), "sum"), ("ve", F32, (2, 4, 3, 3), "sum"),
+    ("ve", F32, (3, 1100), "sum"), ("kl", F32, (2, 3, 17, 5), "mean"),
+    ("ve", BF16, (3, 5), "mean"), ("kl", BF16, (2, 4, 3, 3), "sum"), ("ve", BF16, (2, 3, 17, 5), "mean"),
+    ("kl", BF16, (3, 1100), "sum"),
+    ("ve", F16, (7,), "sum"), ("kl", F16, (1,), "mean"), ("ve", F16, (2, 3, 17, 5), "sum"), ("kl", F16, (3, 5), "mean"),
+]
 
 
-@pytest.mark.parametrize("kind", ["ve", "kl"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape,reduction", SHAPES, ids=str)
+@pytest.mark.parametrize("kind,dtype,shape,reduction", CASES, ids=str)
 def test_matches_float64_reference(kind, dtype, shape, reduction):
-    mean, logvar, noise = inputs(shape, dtype)
+    # fp16: keep |z| moderate so exp(|z| - tau) and its gradients stay inside the fp16 range
+    mean, logvar, noise = inputs(shape, dtype, lv_scale=0.8 if dtype == torch.float16 else 1.5)
     check_against_reference(kind, mean, logvar, noise, reduction)
 
 
@@ -136,9 +147,9 @@ def test_reductions_relate_by_elements_per_sample():
 # ---------------------------------------------------------------------------------------------
 # layouts: chunk views (batch stride + contiguous inner), copies, stride-0 and absent upstream grads
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["ve", "kl"])
-@pytest.mark.parametrize("shape", [(3, 6, 5, 7), (2, 8, 16, 16)], ids=str)  # general rows / tile-aligned rows
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind,shape,dtype", [  # general rows (M = 105) / tile-aligned rows (M = 1024)
+    ("ve", (3, 6, 5, 7), torch.bfloat16), ("kl", (3, 6, 5, 7), torch.float32),
+    ("ve", (2, 8, 16, 16), torch.float32), ("kl", (2, 8, 16, 16), torch.bfloat16)], ids=str)
 def test_moments_views_and_moments_op(kind, shape, dtype):
     g = torch.Generator().manual_seed(5)
     moments = torch.randn(shape, generator=g).to(dtype)
@@ -161,14 +172,13 @@ def test_moments_views_and_moments_op(kind, shape, dtype):
     torch.testing.assert_close(gm, gm2, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["ve", "kl"])
-def test_strided_noise_and_inputs_are_copied_correctly(kind):
+def test_strided_noise_and_inputs_are_copied_correctly():
     mean, logvar, noise = inputs((3, 4, 9), torch.float32)
-    check_against_reference(kind, strided(mean), strided(logvar), strided(noise), "mean")
+    check_against_reference("ve", strided(mean), strided(logvar), strided(noise), "mean")
 
 
-@pytest.mark.parametrize("kind", ["ve", "kl"])
-@pytest.mark.parametrize("dz_kind", ["expanded", "strided", "batch_strided", "absent"])
+@pytest.mark.parametrize("kind,dz_kind", [("ve", "expanded"), ("kl", "strided"), ("ve", "batch_strided"),
+                                          ("kl", "absent"), ("ve", "absent")])
 def test_upstream_gradient_layouts(kind, dz_kind):
     mean, logvar, noise = inputs((3, 4, 5), torch.float32)
     kw = kind_kw(kind)
@@ -275,8 +285,7 @@ def test_philox_noise_is_standard_normal():
     assert (corr - torch.eye(4, dtype=corr.dtype)).abs().max() < 0.1
 
 
-@pytest.mark.parametrize("kind", ["ve", "kl"])
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind,reduction", [("ve", "mean"), ("kl", "sum")])
 def test_philox_backward_regenerates_forward_noise(kind, reduction):
     """Backward with in-kernel noise equals the float64 reference fed eps = (z - mean) / std."""
     mean, logvar, _ = inputs((3, 5, 70), torch.float64, lv_scale=0.5)
@@ -294,15 +303,20 @@ def test_philox_backward_regenerates_forward_noise(kind, reduction):
 
 
 def test_philox_gradient_by_finite_differences():
-    """Central differences of the loss (+ a fixed linear functional of z) with a fixed seed."""
+    """Directional central difference of loss + <w, z> with a fixed seed (float64) vs the backward."""
     mean, logvar, _ = inputs((2, 3, 4), torch.float64, lv_scale=0.5)
-    w = torch.randn(2, 3, 4, dtype=torch.float64)
+    g = torch.Generator().manual_seed(9)
+    w, vm, vl = (torch.randn(2, 3, 4, generator=g, dtype=torch.float64) for _ in range(3))
 
     def f(m, lv):
         out = ve_loss(m, lv, generator=torch.Generator().manual_seed(4), reduction="sum", **VE_KW)
         return out.loss + (out.z * w).sum()
 
-    assert torch.autograd.gradcheck(f, (leaf(mean), leaf(logvar)), eps=1e-6, atol=1e-6, rtol=1e-5)
+    m, lv = leaf(mean), leaf(logvar)
+    gm, glv = torch.autograd.grad(f(m, lv), (m, lv))
+    h = 1e-6
+    fd = (f(mean + h * vm, logvar + h * vl) - f(mean - h * vm, logvar - h * vl)) / (2 * h)
+    torch.testing.assert_close(fd, (gm * vm).sum() + (glv * vl).sum(), rtol=1e-6, atol=1e-8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,8 +332,6 @@ def test_eager_cpu_path(monkeypatch):
     z = kl_loss(mean, logvar, generator=torch.Generator().manual_seed(2)).z
     eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(z, kl_loss_reference(mean, logvar, eps).z, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="generator must be on the device"):
-        kl_loss(mean, logvar, generator=torch.Generator(device="meta"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,8 +382,8 @@ def test_no_gradient_to_noise():
 # ---------------------------------------------------------------------------------------------
 # torch.compile
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["ve", "kl"])
-def test_torch_compile_fullgraph(kind):
+def test_torch_compile_fullgraph():
+    kind = "ve"
     torch._dynamo.reset()
     mean, logvar, noise = inputs((2, 3, 5), torch.float32)
     kw = kind_kw(kind)

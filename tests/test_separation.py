@@ -63,12 +63,14 @@ def test_large_snr_is_one_and_complement_is_exact():
 
 
 def test_closed_form_gaussian_small_d_large_m():
-    """S(r) = r^2 / (1 + r^2) for N(0, I) data as M -> inf (MATH §5); d = 1, M = 1500."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(1500, 1, generator=g, dtype=torch.float64)
+    """S(r) = r^2 / (1 + r^2) for N(0, I) data as M -> inf (MATH §5); d = 1, with the data and the noise
+    at stratified normal quantiles (plain draws at d = 1 leave a ~1/sqrt(K) error in E[e^2])."""
+    def quantiles(n):
+        return torch.special.ndtri((torch.arange(n, dtype=torch.float64) + 0.5) / n)[:, None]
+
     r = torch.tensor([0.25, 1.0, 3.0], dtype=torch.float64)
-    s = vefast.separation_function(x, r, num_noise=48, generator=g)
-    torch.testing.assert_close(s, r**2 / (1 + r**2), rtol=0, atol=0.03)
+    s = vefast.separation_function(quantiles(1000), r, noise=quantiles(64))
+    torch.testing.assert_close(s, r**2 / (1 + r**2), rtol=0, atol=0.01)
 
 
 def test_common_random_numbers_and_determinism():
@@ -114,8 +116,8 @@ def test_custom_op_under_torch_compile():
     f = torch.float32
     args = [st[k].to(f) for k in ("D", "P", "gdiag", "min_dist", "pmax")] + [torch.tensor([0.3, 1.0])]
     eager = torch.ops.vefast.separation_complement(*args)
-    compiled = torch.compile(lambda *a: torch.ops.vefast.separation_complement(*a) * 2.0, fullgraph=True)(*args)
-    torch.testing.assert_close(compiled, 2.0 * eager)
+    compiled = torch.compile(lambda *a: torch.ops.vefast.separation_complement(*a), fullgraph=True)(*args)
+    torch.testing.assert_close(compiled, eager)
 
 
 def test_bad_inputs():

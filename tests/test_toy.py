@@ -5,7 +5,6 @@ import json
 import math
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 
@@ -62,8 +61,8 @@ def test_normalization_zero_mean_half_std(tree):
 def test_log_prob_matches_torch_distributions(tree):
     # an independent evaluation: torch.distributions' batched MultivariateNormal (Cholesky based)
     gen = torch.Generator().manual_seed(1)
-    x = torch.cat([tree.sample(40, gen, dtype=torch.float64),
-                   torch.rand(20, 2, generator=gen, dtype=torch.float64) * 3 - 1.5])
+    x = torch.cat([tree.sample(16, gen, dtype=torch.float64),
+                   torch.rand(8, 2, generator=gen, dtype=torch.float64) * 3 - 1.5])
     for sigma in (0.0, 0.07):
         comps = torch.distributions.MultivariateNormal(
             tree.mu, covariance_matrix=tree.sigma + sigma**2 * torch.eye(2, dtype=torch.float64))
@@ -226,6 +225,8 @@ def test_bad_arguments_exit_with_usage(argv, match, capsys, tmp_path):
 def test_bad_argument_values_raise(tmp_path):
     with pytest.raises(ValueError, match="--depth must be >= 2"):
         cli_main(["toy", "--quick", "--depth", "1", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="--device must name a torch device"):
+        cli_main(["toy", "--quick", "--device", "gpu0", "--out", str(tmp_path)])
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             cli_main(["toy", "--quick", "--device", "cuda", "--out", str(tmp_path)])

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from vefast.ops.gated_residual import gated_residual
-from vefast.ops.norm_modulate import norm_modulate
+from vefast.ops.norm_modulate import NormModulateArgs, norm_modulate
 from vefast.ops.swiglu import swiglu
 
 
@@ -60,8 +60,9 @@ def describe_norm(norm: nn.Module, dim: int, *, allow_rms: bool = True) -> tuple
     return f"unsupported norm {type(norm).__name__}"
 
 
-def _norm_args(norm: nn.Module, kind: str, eps: float) -> tuple[str, torch.Tensor | None, float]:
-    return kind, getattr(norm, "weight", None), eps
+def _norm_call(norm: nn.Module, spec: tuple[str, float]) -> dict:
+    """Keyword arguments of norm_modulate for ``norm`` (described by ``spec``); the weight is read at call time."""
+    return {"norm": spec[0], "weight": getattr(norm, "weight", None), "eps": spec[1]}
 
 
 def describe_attention(attn: nn.Module, *, allow_qk_norm: bool) -> str | None:
@@ -117,8 +118,10 @@ def describe_final_layer(layer: nn.Module, *, lightning: bool) -> str | None:
         return "no adaLN_modulation = Sequential(SiLU, Linear(D, 2D))"
     if not isinstance(getattr(layer, "linear", None), nn.Linear):
         return "no linear"
-    spec = describe_norm(getattr(layer, "norm_final", None), ada[1].in_features, allow_rms=lightning) \
-        if isinstance(getattr(layer, "norm_final", None), nn.Module) else "no norm_final"
+    norm = getattr(layer, "norm_final", None)
+    if not isinstance(norm, nn.Module):
+        return "no norm_final"
+    spec = describe_norm(norm, ada[1].in_features, allow_rms=lightning)
     return spec if isinstance(spec, str) else None
 
 
@@ -226,15 +229,12 @@ class FusedDiTBlock(nn.Module):
             shift_msa = shift_mlp = None
         else:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
-        (k1, e1), (k2, e2) = self._specs
-        h = norm_modulate(x, shift_msa, scale_msa, norm=k1, weight=getattr(self.norm1, "weight", None), eps=e1)
+        h = norm_modulate(x, shift_msa, scale_msa, **_norm_call(self.norm1, self._specs[0]))
         a = self.attn(h, rope=feat_rope)
-        x, h = gated_residual(x, a, gate_msa, norm_modulate=_norm_modulate_args(shift_mlp, scale_mlp, self.norm2, k2, e2))
+        n2 = _norm_call(self.norm2, self._specs[1])
+        x, h = gated_residual(x, a, gate_msa,
+                              norm_modulate=NormModulateArgs(shift_mlp, scale_mlp, n2["norm"], n2["weight"], n2["eps"]))
         return gated_residual(x, self.mlp(h), gate_mlp)
-
-
-def _norm_modulate_args(shift, scale, norm: nn.Module, kind: str, eps: float) -> tuple:
-    return shift, scale, *_norm_args(norm, kind, eps)
 
 
 class FusedFinalLayer(nn.Module):
@@ -247,6 +247,4 @@ class FusedFinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        kind, eps = self._spec
-        return self.linear(norm_modulate(x, shift, scale, norm=kind, weight=getattr(self.norm_final, "weight", None),
-                                         eps=eps))
+        return self.linear(norm_modulate(x, shift, scale, **_norm_call(self.norm_final, self._spec)))

@@ -102,6 +102,8 @@ def _fused_unavailable(t: torch.Tensor) -> str:
         return f"head_dim {t.shape[-1]} (the fused kernels take {SUPPORTED_HEAD_DIMS})"
     if not _ext.available():
         return f"the CUDA extension is unavailable: {_ext.unavailable_reason()}"
+    if not hasattr(_ext.load(), "attention_fwd"):
+        return "vefast._C was built without the attention kernels: reinstall vefast to rebuild it"
     return ""
 
 
@@ -277,8 +279,7 @@ def _qnra_bwd(dout: torch.Tensor, qkv: torch.Tensor, q_weight: Optional[torch.Te
     dk_raw, dkw = _norm_rope_bwd(dk, k_raw, k_weight, cos, sin, eps)
     dqkv = torch.stack((dq_raw, dk_raw, dv), dim=2)
     # A weight that is None gets an empty placeholder (custom ops return tensors); autograd maps it to None.
-    empty = torch.empty(0)
-    return dqkv, dqw if dqw is not None else empty, dkw if dkw is not None else empty
+    return dqkv, dqw if dqw is not None else torch.empty(0), dkw if dkw is not None else torch.empty(0)
 
 
 @_qnra_bwd.register_fake

@@ -37,6 +37,7 @@ Choices (documented in docs/reparam.md):
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -494,6 +495,11 @@ def _bwd_launch(x, logvar, noise, seed, dz, g_loss, g_a, g_b, kind, lam_a, lam_b
     return dx, dlogvar_out
 
 
+def _device_guard(t: torch.Tensor):
+    """Launch on the tensor's GPU (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.library ops. ``x`` is ``mean`` (with ``logvar``) or, when ``logvar`` is None, ``moments``
 # (mean and logvar are its halves along dim 1; backward then writes d moments in one buffer, so
@@ -503,7 +509,8 @@ def _bwd_launch(x, logvar, noise, seed, dz, g_loss, g_a, g_b, kind, lam_a, lam_b
 def _reparam_fwd_op(x: torch.Tensor, logvar: torch.Tensor | None, noise: torch.Tensor | None,
                     seed: torch.Tensor | None, kind: int, lam_a: float, lam_b: float, tau: float, delta: float,
                     reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _fwd_launch(x, logvar, noise, seed, kind, lam_a, lam_b, tau, delta, reduction)
+    with _device_guard(x):
+        return _fwd_launch(x, logvar, noise, seed, kind, lam_a, lam_b, tau, delta, reduction)
 
 
 @_reparam_fwd_op.register_fake
@@ -520,8 +527,9 @@ def _reparam_bwd_op(x: torch.Tensor, logvar: torch.Tensor | None, noise: torch.T
                     g_a: torch.Tensor | None, g_b: torch.Tensor | None, kind: int, lam_a: float, lam_b: float,
                     tau: float, delta: float, reduction: str, need_x: bool,
                     need_logvar: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _bwd_launch(x, logvar, noise, seed, dz, g_loss, g_a, g_b, kind, lam_a, lam_b, tau, delta, reduction,
-                       need_x, need_logvar)
+    with _device_guard(x):
+        return _bwd_launch(x, logvar, noise, seed, dz, g_loss, g_a, g_b, kind, lam_a, lam_b, tau, delta, reduction,
+                           need_x, need_logvar)
 
 
 @_reparam_bwd_op.register_fake

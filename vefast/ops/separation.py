@@ -28,9 +28,9 @@ in fp32: they contribute exactly 0 in fp32 (and < 1e-45 in float64), so they are
 
 Choices: ``G``, ``P`` and ``D`` are formed in float64 (cheap, immune to TF32 settings); the per-r
 work runs in fp32 (Triton kernel, fp32 accumulation, ``tl.dot`` in IEEE fp32) or in the working dtype
-of the torch path (float64 for float64 inputs). The kernel contracts with ``D`` (O(M^2) per row); the
-torch path takes the cheaper contraction: ``1/2 w^T D w`` when d >= M, the posterior mean ``w X``
-(O(M d) per row) when d < M. Per-program partial sums are reduced in float64 on the host:
+of the torch path (float64 for float64 inputs). The kernel contracts with ``D`` per row (O(M^2)); the
+torch path needs only sums over rows and takes the cheaper contraction: ``1/2 <D, W^T W>`` (one GEMM
+with an M x M output) when d >= M, the posterior means ``W X`` (O(M d) per row) when d < M. Per-program partial sums are reduced in float64 on the host:
 deterministic, no atomics. The Monte Carlo statistic is not differentiable: no autograd.
 """
 from __future__ import annotations
@@ -97,33 +97,48 @@ def _row_bound(st: dict[str, torch.Tensor], r: float) -> torch.Tensor:
 # torch Gram path (CPU, float64 anywhere)
 # ---------------------------------------------------------------------------------------------
 def separation_complement_torch(x1: torch.Tensor, st: dict[str, torch.Tensor], snr: torch.Tensor, *,
-                                dtype: torch.dtype, chunk_elems: int = 1 << 22,
+                                dtype: torch.dtype, block_elems: int = 1 << 20,
                                 progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """``C(r)`` (module docstring) for every r, in float64, computing in ``dtype``. ``x1``: the (M, d)
-    data the stats came from (used for the posterior-mean contraction when d < M)."""
+    data the stats came from (used for the posterior-mean contraction when d < M).
+
+    Only sums over (i, l) are needed, so per block of data rows i the (K, M) weights give
+    ``c_ij = sum_l w_ilj`` (then ``sum_j c_ij (G_ii - G_jj)``, no cancellation) and the Gram sum
+    ``W^T W`` accumulates over all rows: ``sum_il 1/2 w^T D w = 1/2 <D, W^T W>`` (one GEMM with an M x M
+    output, O(M K M^2)). When d < M the posterior means ``W X`` (O(M K M d)) give it instead:
+    ``sum_il 1/2 w^T D w = sum_j c_j G_jj - ||W X||_F^2``.
+    """
     m, d = x1.shape
     k = st["P"].shape[0]
     dist, p, gd = st["D"].to(dtype), st["P"].to(dtype), st["gdiag"].to(dtype)
+    pt = p.T.contiguous()
     xw = x1.to(dtype) if d < m else None
-    chunk = max(1, chunk_elems // m)
+    block = max(1, block_elems // (k * m))
     out = torch.zeros(snr.numel(), dtype=torch.float64, device=x1.device)
     for n, r in enumerate(snr.tolist()):
-        active = (_row_bound(st, r) >= -ONEHOT_GAP).flatten().nonzero().squeeze(1)
-        total = torch.zeros((), dtype=torch.float64, device=x1.device)
-        for start in range(0, active.numel(), chunk):
-            rows = active[start:start + chunk]
-            i, l = rows // k, rows % k
-            pl = p[l]
-            logits = (pl - pl.gather(1, i[:, None])).mul_(r).add_(dist[i], alpha=-0.5 * r * r)
-            w = torch.softmax(logits, dim=-1)
-            a = (w * (gd[i, None] - gd[None, :])).sum(-1)
+        active = (_row_bound(st, r) >= -ONEHOT_GAP).any(dim=1).nonzero().squeeze(1)
+        a_sum = torch.zeros((), dtype=torch.float64, device=x1.device)
+        wtw = torch.zeros(m, m, dtype=dtype, device=x1.device) if xw is None else None
+        mean_sq = torch.zeros((), dtype=torch.float64, device=x1.device)
+        col = torch.zeros(m, dtype=dtype, device=x1.device)
+        for start in range(0, active.numel(), block):
+            i = active[start:start + block]
+            logits = (p * r).unsqueeze(0) - (pt[i] * r).unsqueeze(2)        # r (P_lj - P_li)
+            logits += dist[i].unsqueeze(1) * (-0.5 * r * r)                   # - r^2/2 D_ij
+            w = torch.softmax(logits, dim=-1)                                 # (bi, K, M)
+            c = w.sum(dim=1)                                                  # (bi, M)
+            a_sum += ((gd[i, None] - gd[None, :]) * c).sum(dtype=torch.float64)
+            w2 = w.reshape(-1, m)
             if xw is None:
-                b = 0.5 * ((w @ dist) * w).sum(-1)
+                wtw.addmm_(w2.T, w2)
             else:
-                mean = w @ xw
-                b = w @ gd - (mean * mean).sum(-1)
-            total += (a + b).sum(dtype=torch.float64)
-        out[n] = total
+                col += c.sum(0)
+                mean_sq += (w2 @ xw).square().sum(dtype=torch.float64)
+        if xw is None:
+            b_sum = 0.5 * (dist * wtw).sum(dtype=torch.float64)
+        else:
+            b_sum = (col * gd).sum(dtype=torch.float64) - mean_sq
+        out[n] = a_sum + b_sum
         if progress is not None:
             progress(1)
     return out

@@ -125,6 +125,10 @@ def autocast(device: torch.device, precision: str):
         raise ValueError(f"precision: expected 'bf16' or 'fp32', got {precision!r}")
     if device.type == "cuda" and precision == "bf16":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if precision == "bf16":
+        from ..ops._common import report_once
+
+        report_once("recipes-bf16-cpu", "precision 'bf16' applies on CUDA only: this CPU run computes in fp32")
     return contextlib.nullcontext()
 
 

@@ -121,7 +121,7 @@ def extract(args: argparse.Namespace) -> int:
         nonlocal shard, buf
         if not buf:
             return
-        tensors = {k: torch.cat(v) for k, v in buf.items()}
+        tensors = {k: torch.cat(v).contiguous() for k, v in buf.items()}
         save_file(tensors, str(out / f"shard-{info.rank:03d}-{shard:05d}.safetensors"))
         shard += 1
         buf = {}

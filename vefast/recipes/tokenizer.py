@@ -25,7 +25,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -90,6 +90,7 @@ class TokenizerLossConfig:
     reals_hidden: Optional[int] = None
     dinov2: str = "vit_large_patch14_dinov2.lvd142m"
     dinov2_checkpoint: Optional[str] = None
+    dinov2_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     dinov2_pretrained: bool = True
     dinov2_resize: Literal["match_grid", "224"] = "match_grid"
     dinov2_normalize: bool = True
@@ -231,7 +232,8 @@ def dinov2_targets(dino, x: torch.Tensor, grid: tuple[int, int], lc: TokenizerLo
 def load_dino(lc: TokenizerLossConfig, device: torch.device):
     from .. import load_dinov2
 
-    model = load_dinov2(lc.dinov2, checkpoint=lc.dinov2_checkpoint, pretrained=lc.dinov2_pretrained)
+    model = load_dinov2(lc.dinov2, checkpoint=lc.dinov2_checkpoint, pretrained=lc.dinov2_pretrained,
+                        **lc.dinov2_kwargs)
     return model.to(device).eval().requires_grad_(False)
 
 

@@ -48,7 +48,7 @@ class ToyConfig:
     flow_act: str = "silu"
     time_features: int = 16
     batch: int = 2048
-    tok_steps: int = 3000
+    tok_steps: int = 2000
     flow_steps: int = 4000
     lr: float = 2e-3
     schedule: str = "cosine"        # "cosine": linear warmup then cosine to 0; "rsqrt": lr / sqrt(max(i / warmup, 1))
@@ -347,9 +347,10 @@ def plot(path: str, mixture: GaussianMixture2D, arrays: dict, results: dict, rea
     import matplotlib.pyplot as plt
 
     lim = 1.6
-    grid = torch.linspace(-lim, lim, 200)
+    res = 160
+    grid = torch.linspace(-lim, lim, res)
     gx, gy = torch.meshgrid(grid, grid, indexing="xy")
-    logp = mixture.log_prob(torch.stack((gx.reshape(-1), gy.reshape(-1)), 1)).reshape(200, 200)
+    logp = mixture.log_prob(torch.stack((gx.reshape(-1), gy.reshape(-1)), 1)).reshape(res, res)
     shade = logp.clamp(min=float(logp.max()) - 12)
 
     def background(ax):
@@ -381,7 +382,8 @@ def plot(path: str, mixture: GaussianMixture2D, arrays: dict, results: dict, rea
         s, off = a["samples"][:n], a["off"][:n]
         row[2].scatter(s[~off, 0], s[~off, 1], s=0.5, c="tab:green", alpha=0.5, label="on data")
         row[2].scatter(s[off, 0], s[off, 1], s=0.8, c="tab:red", alpha=0.7, label="off data")
-        row[2].set_title(f"decoded samples (20 Euler steps)\nlog-lik {m['sample_loglik']:.2f}, off data {m['off_data']:.1%}")
+        row[2].set_title(f"decoded samples (20 Euler steps)\n"
+                         f"log-lik {m['sample_loglik']:.2f}, off data {m['off_data']:.1%}")
         row[2].legend(loc="lower right", markerscale=10, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -391,8 +393,9 @@ def plot(path: str, mixture: GaussianMixture2D, arrays: dict, results: dict, rea
 # ----------------------------------------------------------------------------------------------
 # entry point
 
-def run(cfg: ToyConfig, seed: int, device: torch.device, progress: bool = True, log=print) -> dict:
+def run(cfg: ToyConfig, seed: int, device: torch.device, progress: bool = True, log=None) -> dict:
     """Train and evaluate both variants; returns the report (metrics, real-data row, figure arrays)."""
+    log = log or (lambda msg: print(msg, flush=True))
     mixture = GaussianMixture2D.tree(cfg.data_seed)
     real_x = mixture.sample(cfg.real_samples, _generator(seed, 11))
     real_logp = mixture.log_prob(real_x)
@@ -402,14 +405,16 @@ def run(cfg: ToyConfig, seed: int, device: torch.device, progress: bool = True, 
             "threshold_logp": threshold}
     results, arrays, curves, seconds = {}, {}, {}, {}
     for variant in VARIANTS:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         tok, tok_curve = train_tokenizer(variant, mixture, cfg, seed, device, progress)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         pool = encode_pool(tok, mixture, cfg, seed, device)
         flow, flow_curve = train_flow(variant, pool, cfg, seed, device, progress)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         results[variant], arrays[variant] = evaluate(variant, tok, flow, pool, mixture, threshold, cfg, seed, device)
-        seconds[variant] = {"tokenizer": t1 - t0, "flow": t2 - t1, "eval": time.perf_counter() - t2}
+        # wall and process CPU seconds (CPU / threads estimates the wall time on an idle machine)
+        seconds[variant] = {"tokenizer": t1 - t0, "flow": t2 - t1, "eval": time.perf_counter() - t2,
+                            "tokenizer_cpu": c1 - c0, "flow_cpu": c2 - c1, "eval_cpu": time.process_time() - c2}
         curves[variant] = {"tokenizer": tok_curve, "flow": flow_curve}
         log(f"{variant}: tokenizer {t1 - t0:.0f} s, flow {t2 - t1:.0f} s, "
             f"off data {results[variant]['off_data']:.1%}")
@@ -421,7 +426,10 @@ def main(args: argparse.Namespace) -> int:
     if args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     cfg = config_from_args(args)
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device must name a torch device (cpu, cuda, cuda:1), got {args.device!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device!r}: CUDA is not available on this machine")
     os.makedirs(args.out, exist_ok=True)
@@ -435,10 +443,10 @@ def main(args: argparse.Namespace) -> int:
         preset = "full" if args.full else "quick" if args.quick else "default"
         print(f"vefast toy: preset {preset}, seed {args.seed}, {args.threads} threads, device {device}; "
               f"tokenizer {cfg.depth}x{cfg.width} {cfg.act}, flow {cfg.flow_depth}x{cfg.flow_width} "
-              f"{cfg.flow_act}, batch {cfg.batch}, {cfg.tok_steps} + {cfg.flow_steps} steps per variant")
-        t0 = time.perf_counter()
+              f"{cfg.flow_act}, batch {cfg.batch}, {cfg.tok_steps} + {cfg.flow_steps} steps per variant", flush=True)
+        t0, c0 = time.perf_counter(), time.process_time()
         report = run(cfg, args.seed, device, progress=not args.no_progress)
-        total = time.perf_counter() - t0
+        total, total_cpu = time.perf_counter() - t0, time.process_time() - c0
         table = format_table(report["metrics"], report["real"])
         print(table)
         png = os.path.join(args.out, "toy.png")
@@ -447,6 +455,7 @@ def main(args: argparse.Namespace) -> int:
             "command": "vefast toy", "preset": preset, "seed": args.seed, "threads": args.threads,
             "device": str(device), "config": asdict(cfg), "metrics": report["metrics"], "real": report["real"],
             "curves": report["curves"], "seconds": report["seconds"], "total_seconds": total,
+            "total_cpu_seconds": total_cpu,
             "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
         }
         with open(os.path.join(args.out, "toy.json"), "w") as f:
