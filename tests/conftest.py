@@ -36,3 +36,20 @@ def pytest_collection_modifyitems(config, items):
 def device() -> torch.device:
     """Where Triton kernels run in this lane: CUDA if present, else CPU under the interpreter."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny runs: spinning OpenMP threads crawl on a busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def eager():
+    """Run a module's ops on their eager reference paths (TRITON_INTERPRET=0) inside the CPU lane."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        yield

@@ -1,7 +1,15 @@
 """Helpers shared by the tests (imported as ``from helpers import ...``; tests/ is on sys.path)."""
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
+
+# Triton picks its driver at import: the interpreter can only be switched on for a whole process
+# (conftest does so in the CPU lane); eager runs inside it switch the ops to their reference paths.
+INTERPRETER_LANE = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and not torch.cuda.is_available()
+needs_interpreter = pytest.mark.skipif(not INTERPRETER_LANE, reason="needs a process started with TRITON_INTERPRET=1")
 
 
 def poison_(t: torch.Tensor) -> torch.Tensor:

@@ -26,10 +26,8 @@ from vefast.recipes.tokenizer import train as train_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-# Triton picks its driver at import: the interpreter can only be switched on for a whole process
-# (conftest does so in the CPU lane); eager runs inside it switch the ops to their reference paths.
-INTERPRETER_LANE = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and not torch.cuda.is_available()
-needs_interpreter = pytest.mark.skipif(not INTERPRETER_LANE, reason="needs a process started with TRITON_INTERPRET=1")
+from helpers import needs_interpreter  # noqa: E402
+
 # Import the Triton ops now, while the lane's TRITON_INTERPRET=1 is set, so their kernels are interpreted
 # kernels even when an eager run below imports them first.
 import vefast.nn.patch  # noqa: F401,E402
@@ -39,20 +37,7 @@ import vefast.ops.swiglu  # noqa: F401,E402
 import vefast.ops.reparam  # noqa: F401,E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU, OpenMP threads cost 10x in these tiny runs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def eager():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "0")
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ from vefast.recipes import toy
 from vefast.recipes.toy_mixture import NUM_COMPONENTS, GaussianMixture2D
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: these tensors are small, and spinning OpenMP threads crawl on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

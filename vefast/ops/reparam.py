@@ -178,16 +178,12 @@ def _fwd_lane(acc_a, acc_b, loc, eps_rng, base, mean_ptr, logvar_ptr, noise_ptr,
 
 
 @triton.jit
-def _reparam_fwd_kernel(mean_ptr, logvar_ptr, noise_ptr, z_ptr, part_ptr, seed, N, M,
-                        sb_mean, sb_logvar, sb_noise, tau, delta,
-                        KIND: tl.constexpr, HAS_NOISE: tl.constexpr, LAYOUT: tl.constexpr,
-                        Q: tl.constexpr, GROUPS: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr,
-                        RND_BF16: tl.constexpr):
-    """One tile = GROUPS noise groups of 4*Q logical elements; writes z and two partial sums."""
+def _tile_noise(seed, HAS_NOISE: tl.constexpr, Q: tl.constexpr, GROUPS: tl.constexpr, IDX64: tl.constexpr):
+    """This program's tile: id, first logical index, (GROUPS, Q) offsets of lane 0, and the four
+    Philox normal lanes of noise group (pid * GROUPS + g) (zeros when the noise is given)."""
     pid = tl.program_id(0)
     if IDX64:
         pid = pid.to(tl.int64)
-    base = pid * (GROUPS * 4 * Q)
     g = tl.arange(0, GROUPS)[:, None]
     q = tl.arange(0, Q)[None, :]
     if HAS_NOISE:
@@ -197,9 +193,19 @@ def _reparam_fwd_kernel(mean_ptr, logvar_ptr, noise_ptr, z_ptr, part_ptr, seed, 
         n3 = n0
     else:
         n0, n1, n2, n3 = tl.randn4x(seed, (pid * GROUPS + g) * Q + q)
+    return pid, pid * (GROUPS * 4 * Q), g * (4 * Q) + q, n0, n1, n2, n3
+
+
+@triton.jit
+def _reparam_fwd_kernel(mean_ptr, logvar_ptr, noise_ptr, z_ptr, part_ptr, seed, N, M,
+                        sb_mean, sb_logvar, sb_noise, tau, delta,
+                        KIND: tl.constexpr, HAS_NOISE: tl.constexpr, LAYOUT: tl.constexpr,
+                        Q: tl.constexpr, GROUPS: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr,
+                        RND_BF16: tl.constexpr):
+    """One tile = GROUPS noise groups of 4*Q logical elements; writes z and two partial sums."""
+    pid, base, loc, n0, n1, n2, n3 = _tile_noise(seed, HAS_NOISE, Q, GROUPS, IDX64)
     acc_a = tl.zeros((GROUPS, Q), CDT)
     acc_b = tl.zeros((GROUPS, Q), CDT)
-    loc = g * (4 * Q) + q
     acc_a, acc_b = _fwd_lane(acc_a, acc_b, loc, n0, base, mean_ptr, logvar_ptr, noise_ptr, z_ptr, N, M,
                              sb_mean, sb_logvar, sb_noise, tau, delta, KIND, HAS_NOISE, LAYOUT, CDT, RND_BF16)
     acc_a, acc_b = _fwd_lane(acc_a, acc_b, loc + Q, n1, base, mean_ptr, logvar_ptr, noise_ptr, z_ptr, N, M,
@@ -288,19 +294,7 @@ def _reparam_bwd_kernel(mean_ptr, logvar_ptr, noise_ptr, dz_ptr, gl_ptr, ga_ptr,
                         Q: tl.constexpr, GROUPS: tl.constexpr, IDX64: tl.constexpr, CDT: tl.constexpr,
                         RND_BF16: tl.constexpr):
     """Regenerates eps from the seed (or reads noise) and writes dmean, dlogvar in one pass."""
-    pid = tl.program_id(0)
-    if IDX64:
-        pid = pid.to(tl.int64)
-    base = pid * (GROUPS * 4 * Q)
-    g = tl.arange(0, GROUPS)[:, None]
-    q = tl.arange(0, Q)[None, :]
-    if HAS_NOISE:
-        n0 = tl.zeros((GROUPS, Q), tl.float32)
-        n1 = n0
-        n2 = n0
-        n3 = n0
-    else:
-        n0, n1, n2, n3 = tl.randn4x(seed, (pid * GROUPS + g) * Q + q)
+    _, base, loc, n0, n1, n2, n3 = _tile_noise(seed, HAS_NOISE, Q, GROUPS, IDX64)
     # coefficient of each term's elementwise gradient: (g_term + lambda_term * g_loss) * scale
     c_a = tl.zeros((), CDT)
     c_b = tl.zeros((), CDT)
@@ -317,7 +311,6 @@ def _reparam_bwd_kernel(mean_ptr, logvar_ptr, noise_ptr, dz_ptr, gl_ptr, ga_ptr,
     dz_scalar = tl.zeros((), CDT)
     if DZ_MODE == 2:
         dz_scalar = tl.load(dz_ptr).to(CDT)
-    loc = g * (4 * Q) + q
     _bwd_lane(loc, n0, base, c_a, c_b, dz_scalar, mean_ptr, logvar_ptr, noise_ptr, dz_ptr, dmean_ptr, dlogvar_ptr,
               N, M, sb_mean, sb_logvar, sb_noise, sb_dz, sb_dmean, sb_dlogvar, tau, delta,
               KIND, HAS_NOISE, DZ_MODE, LAYOUT, WRITE_DMEAN, WRITE_DLOGVAR, CDT, RND_BF16)

@@ -148,16 +148,25 @@ def separation_complement_torch(x1: torch.Tensor, st: dict[str, torch.Tensor], s
 # Triton kernel: one program = (block of noise rows l, data row i, SNR value r)
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _weights_tile(p_ptr, dist_ptr, i, offs_l, mask_l, p_li, j0, M, stride_p, stride_d, r, half_r2,
-                  m_row, inv_s, BLOCK_J: tl.constexpr):
+def _logits_tile(p_ptr, dist_ptr, i, offs_l, mask_l, p_li, j0, M, stride_p, stride_d, r, half_r2,
+                 BLOCK_J: tl.constexpr):
+    """Logits -r^2/2 D_ij + r (P_lj - P_li) of one j tile; -inf on the columns past M."""
     offs_j = j0 + tl.arange(0, BLOCK_J)
     mask_j = offs_j < M
     d_ij = tl.load(dist_ptr + i * stride_d + offs_j, mask=mask_j, other=0.0)
     p_lj = tl.load(p_ptr + offs_l[:, None] * stride_p + offs_j[None, :],
                    mask=mask_l[:, None] & mask_j[None, :], other=0.0)
     logit = -half_r2 * d_ij[None, :] + r * (p_lj - p_li[:, None])
-    w = tl.exp(logit - m_row[:, None]) * inv_s[:, None]
-    return tl.where(mask_j[None, :], w, 0.0), offs_j, mask_j
+    return tl.where(mask_j[None, :], logit, -float("inf")), offs_j, mask_j
+
+
+@triton.jit
+def _weights_tile(p_ptr, dist_ptr, i, offs_l, mask_l, p_li, j0, M, stride_p, stride_d, r, half_r2,
+                  m_row, inv_s, BLOCK_J: tl.constexpr):
+    """Softmax weights of one j tile from the row max and 1/sum of pass 1 (0 past M)."""
+    logit, offs_j, mask_j = _logits_tile(p_ptr, dist_ptr, i, offs_l, mask_l, p_li, j0, M, stride_p, stride_d,
+                                         r, half_r2, BLOCK_J)
+    return tl.exp(logit - m_row[:, None]) * inv_s[:, None], offs_j, mask_j
 
 
 @triton.jit
@@ -182,13 +191,8 @@ def _separation_kernel(dist_ptr, p_ptr, gd_ptr, mind_ptr, pmax_ptr, snr_ptr, out
         m_row = tl.full((BLOCK_L,), -float("inf"), tl.float32)
         s_row = tl.zeros((BLOCK_L,), tl.float32)
         for j0 in range(0, M, BLOCK_J):
-            offs_j = j0 + tl.arange(0, BLOCK_J)
-            mask_j = offs_j < M
-            d_ij = tl.load(dist_ptr + i * stride_d + offs_j, mask=mask_j, other=0.0)
-            p_lj = tl.load(p_ptr + offs_l[:, None] * stride_p + offs_j[None, :],
-                           mask=mask_l[:, None] & mask_j[None, :], other=0.0)
-            logit = -half_r2 * d_ij[None, :] + r * (p_lj - p_li[:, None])
-            logit = tl.where(mask_j[None, :], logit, -float("inf"))
+            logit, _, _ = _logits_tile(p_ptr, dist_ptr, i, offs_l, mask_l, p_li, j0, M, stride_p, stride_d,
+                                       r, half_r2, BLOCK_J)
             m_new = tl.maximum(m_row, tl.max(logit, axis=1))
             s_row = s_row * tl.exp(m_row - m_new) + tl.sum(tl.exp(logit - m_new[:, None]), axis=1)
             m_row = m_new

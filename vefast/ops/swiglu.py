@@ -29,13 +29,20 @@ def swiglu_reference(x12: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _swiglu_fwd_kernel(X, OUT, M, H, s_xm, s_xh, s_om, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+def _load_halves(X, M, H, s_xm, s_xh, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    """This program's (BLOCK_M, BLOCK_H) tile of x1 = x12[..., :H] and x2 = x12[..., H:], in fp32."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     mask = (rows < M)[:, None] & (cols < H)[None, :]
     p1 = X + rows[:, None] * s_xm + cols[None, :] * s_xh
     x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(p1 + H * s_xh, mask=mask, other=0.0).to(tl.float32)
+    return rows, cols, mask, x1, x2
+
+
+@triton.jit
+def _swiglu_fwd_kernel(X, OUT, M, H, s_xm, s_xh, s_om, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows, cols, mask, x1, x2 = _load_halves(X, M, H, s_xm, s_xh, BLOCK_M, BLOCK_H)
     out = x1 * tl.sigmoid(x1) * x2
     tl.store(OUT + rows[:, None] * s_om + cols[None, :], out.to(OUT.dtype.element_ty), mask=mask)
 
@@ -43,12 +50,7 @@ def _swiglu_fwd_kernel(X, OUT, M, H, s_xm, s_xh, s_om, BLOCK_M: tl.constexpr, BL
 @triton.jit
 def _swiglu_bwd_kernel(DOUT, X, DX, M, H, s_gm, s_gh, s_xm, s_xh, s_dm,
                        BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
-    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    mask = (rows < M)[:, None] & (cols < H)[None, :]
-    p1 = X + rows[:, None] * s_xm + cols[None, :] * s_xh
-    x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(p1 + H * s_xh, mask=mask, other=0.0).to(tl.float32)
+    rows, cols, mask, x1, x2 = _load_halves(X, M, H, s_xm, s_xh, BLOCK_M, BLOCK_H)
     g = tl.load(DOUT + rows[:, None] * s_gm + cols[None, :] * s_gh, mask=mask, other=0.0).to(tl.float32)
     s = tl.sigmoid(x1)
     dx1 = g * x2 * s * (1.0 + x1 * (1.0 - s))

@@ -126,25 +126,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> ToyConfig:
     """The preset (default / --quick / --full) with the command-line overrides applied."""
     cfg = PRESETS["full" if args.full else "quick" if args.quick else "default"]
-    over: dict = {}
-    if args.steps is not None:
-        over.update(tok_steps=args.steps, flow_steps=args.steps)
-    if args.tok_steps is not None:
-        over["tok_steps"] = args.tok_steps
-    if args.flow_steps is not None:
-        over["flow_steps"] = args.flow_steps
-    if args.width is not None:
-        over.update(width=args.width, flow_width=args.width)
-    if args.depth is not None:
-        if args.depth < 2:
-            raise ValueError(f"--depth must be >= 2 (Linear layers per MLP), got {args.depth}")
-        over.update(depth=args.depth, flow_depth=args.depth)
-    if args.batch is not None:
-        over["batch"] = args.batch
-    if args.lr is not None:
-        over["lr"] = args.lr
-    if args.samples is not None:
-        over["samples"] = args.samples
+    if args.depth is not None and args.depth < 2:
+        raise ValueError(f"--depth must be >= 2 (Linear layers per MLP), got {args.depth}")
+    # option -> the config fields it sets; later options win (--tok-steps over --steps)
+    fields = {"steps": ("tok_steps", "flow_steps"), "tok_steps": ("tok_steps",), "flow_steps": ("flow_steps",),
+              "width": ("width", "flow_width"), "depth": ("depth", "flow_depth"), "batch": ("batch",),
+              "lr": ("lr",), "samples": ("samples",)}
+    over = {f: getattr(args, opt) for opt, fs in fields.items() if getattr(args, opt) is not None for f in fs}
     cfg = replace(cfg, **over)
     if cfg.warmup >= min(cfg.tok_steps, cfg.flow_steps) and cfg.schedule == "cosine":
         cfg = replace(cfg, warmup=max(min(cfg.tok_steps, cfg.flow_steps) // 10, 0))
