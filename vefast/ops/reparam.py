@@ -404,7 +404,9 @@ def _tl_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _fwd_launch(x, logvar, noise, seed, kind, lam_a, lam_b, tau, delta, reduction):
+def _prepare(x, logvar, noise):
+    """mean, logvar and noise as kernel operands: readable views, their geometry (N, B, M) and
+    batch strides. Without noise the noise pointer is a dummy (mean) that the kernel never reads."""
     mean, lv = _split(x, logvar)
     N, B, M = _geometry(mean)
     mean, sb_m = _readable(mean, M)
@@ -414,6 +416,11 @@ def _fwd_launch(x, logvar, noise, seed, kind, lam_a, lam_b, tau, delta, reductio
         noise, sb_n = _readable(noise, M)
     else:
         noise, sb_n = mean, M
+    return mean, lv, noise, has_noise, (N, B, M), (sb_m, sb_l, sb_n)
+
+
+def _fwd_launch(x, logvar, noise, seed, kind, lam_a, lam_b, tau, delta, reduction):
+    mean, lv, noise, has_noise, (N, B, M), (sb_m, sb_l, sb_n) = _prepare(x, logvar, noise)
     groups, warps, P = _tiling(N, mean.device)
     tile = groups * 4 * NOISE_Q
     strides = [sb_m, sb_l, sb_n]
@@ -438,15 +445,7 @@ def _fwd_launch(x, logvar, noise, seed, kind, lam_a, lam_b, tau, delta, reductio
 
 def _bwd_launch(x, logvar, noise, seed, dz, g_loss, g_a, g_b, kind, lam_a, lam_b, tau, delta, reduction,
                 need_x, need_logvar):
-    mean, lv = _split(x, logvar)
-    N, B, M = _geometry(mean)
-    mean, sb_m = _readable(mean, M)
-    lv, sb_l = _readable(lv, M)
-    has_noise = noise is not None
-    if has_noise:
-        noise, sb_n = _readable(noise, M)
-    else:
-        noise, sb_n = mean, M
+    mean, lv, noise, has_noise, (N, B, M), (sb_m, sb_l, sb_n) = _prepare(x, logvar, noise)
     if dz is None:
         dz_mode, dz, sb_dz = 0, mean, M
     elif all(s == 0 for s in dz.stride()):
