@@ -21,15 +21,6 @@ import torch.nn.functional as F
 from .dit import DiT, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate
 
 
-def split_modulation(mod: torch.Tensor, wo_shift: bool) -> tuple:
-    """adaLN output (B, 6D) -> shift, scale, gate of attention then MLP; (B, 4D) without shifts
-    (LightningDiT's ``wo_shift``), where both shifts are None."""
-    if wo_shift:
-        scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=1)
-        return None, scale_msa, gate_msa, None, scale_mlp, gate_mlp
-    return tuple(mod.chunk(6, dim=1))
-
-
 class RMSNorm(nn.Module):
     """``(x / sqrt(mean(x^2) + eps)).type_as(x) * weight`` with fp32 statistics (LightningDiT's RMSNorm)."""
 
@@ -130,8 +121,11 @@ class LightningDiTBlock(nn.Module):
         self.wo_shift = wo_shift
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, feat_rope: nn.Module | None = None) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = split_modulation(
-            self.adaLN_modulation(c), self.wo_shift)
+        if self.wo_shift:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+            shift_msa = shift_mlp = None
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope=feat_rope)
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 

@@ -21,7 +21,6 @@ import importlib
 import torch
 import torch.nn as nn
 
-from vefast.models.lightningdit import split_modulation
 from vefast.ops.gated_residual import gated_residual
 from vefast.ops.norm_modulate import NormModulateArgs, norm_modulate
 from vefast.ops.swiglu import swiglu
@@ -225,8 +224,11 @@ class FusedDiTBlock(nn.Module):
         self._specs = [describe_norm(n, D) for n in (self.norm1, self.norm2)]
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, feat_rope: nn.Module | None = None) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = split_modulation(
-            self.adaLN_modulation(c), self.wo_shift)
+        if self.wo_shift:
+            scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(4, dim=1)
+            shift_msa = shift_mlp = None
+        else:
+            shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         h = norm_modulate(x, shift_msa, scale_msa, **_norm_call(self.norm1, self._specs[0]))
         a = self.attn(h, rope=feat_rope)
         n2 = _norm_call(self.norm2, self._specs[1])
