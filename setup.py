@@ -87,8 +87,14 @@ def _extensions():
     # torch.utils.cpp_extension reads CUDA_HOME at import; without a CUDA runtime it guesses wrong.
     os.environ["CUDA_HOME"] = cuda_home
     archs = _arch_list()
-    # "80" -> "8.0", "90a" -> "9.0a": torch turns TORCH_CUDA_ARCH_LIST into -gencode flags.
-    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(_torch_arch(a) for a in archs)
+    # "80" -> "8.0", "90a" -> "9.0a": torch turns TORCH_CUDA_ARCH_LIST into -gencode flags. The highest
+    # portable arch also ships as PTX, so newer GPUs (sm_100, sm_120) JIT it instead of finding no image.
+    arch_list = [_torch_arch(a) for a in archs]
+    portable = [a for a in arch_list if not a.endswith("a")]
+    if portable:
+        top = max(portable, key=lambda a: float(a))
+        arch_list[arch_list.index(top)] = top + "+PTX"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(arch_list)
     os.environ.setdefault("MAX_JOBS", str(min(8, os.cpu_count() or 1)))
 
     import torch

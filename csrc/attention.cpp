@@ -5,7 +5,7 @@
 //   attention_fwd(q, k, v, scale, q_weight, k_weight, cos, sin, eps) -> (out, lse)
 //   attention_bwd(dout, q, k, v, out, lse, dq, dk, dv, scale, q_weight, k_weight, cos, sin, eps) -> None
 // q, k, v, dout, dq, dk, dv: (B, N, H, head_dim) bf16/fp16 CUDA tensors with any strides (views into a
-// fused qkv tensor are fine). out: contiguous (B, N, H, head_dim); lse: (B, H, N) float32.
+// fused qkv tensor are fine); dq, dk, dv must not overlap. out: (B, N, H, head_dim); lse: (B, H, N) float32.
 // q_weight / k_weight: optional (head_dim,) float32 RMSNorm weights of q / k; cos / sin: optional
 // (N, head_dim) float32 rotary tables (both or neither). With them, q and k are normalized and rotated
 // while being loaded, and dq / dk are the gradients w.r.t. the normalized, rotated q and k.
@@ -37,9 +37,16 @@ void check_q(const Tensor& q) {
               q.size(3));
   TORCH_CHECK(q.size(0) >= 1 && q.size(1) >= 1 && q.size(2) >= 1,
               "vefast attention: B, N and H must be >= 1, got shape ", q.sizes());
-  TORCH_CHECK(q.size(0) * q.size(2) <= INT32_MAX, "vefast attention: B * H must be < 2^31, got ",
-              q.size(0) * q.size(2));
-  TORCH_CHECK(q.size(1) <= 65535LL * 64, "vefast attention: N must be <= ", 65535LL * 64, ", got ", q.size(1));
+  // grid (row tiles of N, H, B): y and z are limited to 65535; N, row indices are int
+  TORCH_CHECK(q.size(0) <= 65535 && q.size(2) <= 65535, "vefast attention: B and H must be <= 65535, got B = ",
+              q.size(0), ", H = ", q.size(2));
+  TORCH_CHECK(q.size(1) <= INT32_MAX - 64, "vefast attention: N must be < 2^31 - 64, got ", q.size(1));
+}
+
+// An output the kernels write: every element once, so no two elements may share memory.
+void check_writable(const char* name, const Tensor& t) {
+  TORCH_CHECK(t.is_non_overlapping_and_dense(), "vefast attention: ", name,
+              " must be a non-overlapping dense tensor, got strides ", t.strides());
 }
 
 // Another (B, N, H, head_dim) tensor: same sizes, dtype and device as q.
@@ -136,6 +143,9 @@ void attention_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const T
   check_like_q("dq", dq, q);
   check_like_q("dk", dk, q);
   check_like_q("dv", dv, q);
+  check_writable("dq", dq);
+  check_writable("dk", dk);
+  check_writable("dv", dv);
   check_f32("lse", lse, {q.size(0), q.size(2), q.size(1)}, q);
   attn::Params p = base_params(q, k, v, scale);
   p.pro = prologue(q, q_weight, k_weight, cos, sin, eps);

@@ -297,8 +297,8 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const Params p) {
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + Tile<HDP>::elems;
   T* sV = sK + Tile<HDP>::elems;
-  const int b = blockIdx.x / p.H, h = blockIdx.x % p.H;
-  const int m0 = blockIdx.y * kRows;
+  const int b = blockIdx.z, h = blockIdx.y;
+  const int m0 = blockIdx.x * kRows;
   const int warp = threadIdx.x >> 5;
   const int g = (threadIdx.x & 31) >> 2;
   const float sl2 = p.scale * kLog2e;  // scores in log2 units: exp(scale * s) = exp2(sl2 * s)
@@ -378,8 +378,8 @@ __global__ void __launch_bounds__(kThreads) bwd_dq_kernel(const Params p) {
   T* sV = sK + Tile<HDP>::elems;
   float* sL = reinterpret_cast<float*>(sV + Tile<HDP>::elems);  // lse * log2(e) of the 64 query rows
   float* sD = sL + kRows;                                        // delta of the 64 query rows
-  const int b = blockIdx.x / p.H, h = blockIdx.x % p.H;
-  const int m0 = blockIdx.y * kRows;
+  const int b = blockIdx.z, h = blockIdx.y;
+  const int m0 = blockIdx.x * kRows;
   const int warp = threadIdx.x >> 5;
   const int g = (threadIdx.x & 31) >> 2;
   const float sl2 = p.scale * kLog2e;
@@ -438,8 +438,8 @@ __global__ void __launch_bounds__(kThreads) bwd_dkdv_kernel(const Params p) {
   T* sdO = sQ + Tile<HDP>::elems;
   float* sL = reinterpret_cast<float*>(sdO + Tile<HDP>::elems);
   float* sD = sL + kRows;
-  const int b = blockIdx.x / p.H, h = blockIdx.x % p.H;
-  const int k0 = blockIdx.y * kRows;
+  const int b = blockIdx.z, h = blockIdx.y;
+  const int k0 = blockIdx.x * kRows;
   const int warp = threadIdx.x >> 5;
   const float sl2 = p.scale * kLog2e;
   const int64_t bh = (static_cast<int64_t>(b) * p.H + h) * p.N;
@@ -495,8 +495,10 @@ constexpr size_t fwd_smem_bytes() { return 3 * Tile<HDP>::elems * 2; }
 template <int HDP>
 constexpr size_t bwd_smem_bytes() { return 4 * Tile<HDP>::elems * 2 + 2 * kRows * sizeof(float); }
 
+// Row tiles fastest, then heads, then batch (as FlashAttention-2): the CTAs that read the same head's
+// K and V run together, so K/V tiles are re-read from L2 rather than from HBM.
 inline dim3 grid_of(const Params& p) {
-  return dim3(static_cast<unsigned>(p.B) * static_cast<unsigned>(p.H), static_cast<unsigned>((p.N + kRows - 1) / kRows));
+  return dim3(static_cast<unsigned>((p.N + kRows - 1) / kRows), static_cast<unsigned>(p.H), static_cast<unsigned>(p.B));
 }
 
 template <typename T, int HDP>

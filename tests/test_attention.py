@@ -74,6 +74,34 @@ def test_attention_fallback_custom_scale_and_strided():
     torch.testing.assert_close(attention_reference(q.double(), k.double(), v.double(), 0.3), direct)
 
 
+def test_device_support_is_probed_per_gpu(monkeypatch):
+    """Pre-sm_80 GPUs and GPUs without an image in vefast._C take the reported fallback, not a crash."""
+    from vefast.ops import attention as attn
+
+    class NoImage:
+        def probe_arch(self, index):
+            raise RuntimeError("no kernel image is available for execution on the device")
+
+    class Fine:
+        def probe_arch(self, index):
+            return 90
+
+    attn._device_unsupported.cache_clear()
+    try:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 5))
+        assert "compute capability 7.5" in attn._device_unsupported(0)
+        attn._device_unsupported.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (12, 0))
+        monkeypatch.setattr(_ext, "load", lambda: NoImage())
+        reason = attn._device_unsupported(0)
+        assert "no kernel image for this GPU (sm_120" in reason and "VEFAST_CUDA_ARCHS" in reason
+        attn._device_unsupported.cache_clear()
+        monkeypatch.setattr(_ext, "load", lambda: Fine())
+        assert attn._device_unsupported(0) == ""
+    finally:
+        attn._device_unsupported.cache_clear()
+
+
 def test_fallback_is_reported_once_with_reason():
     _common._reported.clear()
     q = torch.randn(1, 4, 1, 64)
@@ -364,6 +392,43 @@ def test_gpu_attention_scale_and_contiguous(hd):
     eager = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            scale=0.05).transpose(1, 2)
     err_bound(out, eager, ref, floor=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hd", [72, 128])
+def test_gpu_attention_edge_layouts(hd):
+    """N = 65 (a last tile with one valid key), q with a non-unit head-dim stride, a stride-0 dout."""
+    torch.manual_seed(hd + 65)
+    B, N, H = 2, 65, 3
+    q = torch.randn(B, N, hd, H, device="cuda", dtype=torch.bfloat16).transpose(2, 3)  # stride(-1) = H
+    k, v = (torch.randn(B, N, H, hd, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    dout = torch.randn(1, 1, 1, hd, device="cuda", dtype=torch.bfloat16).expand(B, N, H, hd)
+    assert q.stride(-1) == H and dout.stride(0) == 0
+    _common._reported.clear()
+    _check_flash_rule(lambda a, b, c: attention(a, b, c), _sdpa_bnhd, (q, k, v), dout, floor=1e-3)
+    assert not any("vefast.attention" in key for key in _common.reported_fallbacks()), "fused path not taken"
+
+
+@pytest.mark.gpu
+def test_gpu_qk_norm_rope_ragged_n():
+    """hd 72 with norm and rope at N = 17 (tables of any N rows), against float64."""
+    torch.manual_seed(17)
+    B, N, H, hd = 2, 17, 2, 72
+    qkv = torch.randn(B, N, 3, H, hd, device="cuda", dtype=torch.bfloat16)
+    dout = torch.randn(B, N, H, hd, device="cuda", dtype=torch.bfloat16)
+    ws = [torch.rand(hd, device="cuda") + 0.5, torch.rand(hd, device="cuda") + 0.5]
+    angle = torch.rand(N, hd // 2, device="cuda").repeat_interleave(2, dim=-1) * 6.0
+    cos, sin = angle.cos(), angle.sin()
+
+    def fused(x, qw, kw):
+        return qk_norm_rope_attention(x, qw, kw, (cos, sin))
+
+    def eager(x, qw, kw):  # the same formulas in x's dtype (float64 for the reference)
+        return qk_norm_rope_attention_reference(x, qw, kw, (cos.to(x.dtype), sin.to(x.dtype)))
+
+    _common._reported.clear()
+    _check_flash_rule(fused, eager, (qkv, *ws), dout, floor=2e-3)
+    assert not any("qk_norm_rope" in key for key in _common.reported_fallbacks()), "fused path not taken"
 
 
 @pytest.mark.gpu

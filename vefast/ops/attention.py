@@ -18,16 +18,17 @@ opaque op with a fake implementation whatever the path):
   stored). The backward is always deterministic (no atomics: dQ has its own pass over the key tiles), so
   ``deterministic=True`` costs nothing extra; the flag is kept for API compatibility with future faster
   non-deterministic kernels. The norm / rope backward (``d q_raw`` from ``d q_rotated``, d weights) is the
-  autograd of the eager :func:`_norm_rope` (deterministic torch reductions).
+  explicit :func:`_norm_rope_bwd` in float32 (deterministic torch reductions).
 - fallback (reported once with the reason through ``report_once``): CPU tensors, float32/float64, other head
   dims, or the extension missing -> ``F.scaled_dot_product_attention`` in the input dtype, plus the eager
   :func:`_norm_rope` computing exactly what the kernel prologue computes. Its ``lse`` is computed
-  explicitly (float32 logsumexp of the scores: memory B * H * N^2), its backward is the autograd of the same
-  eager computation.
+  explicitly (float32 logsumexp of the scores: memory B * H * N^2), its backward is the explicit
+  :func:`_attention_bwd_math` (the formulas above) plus :func:`_norm_rope_bwd`.
 ``lse`` is an internal output (for the backward) and is not differentiable.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -104,6 +105,20 @@ def _fused_unavailable(t: torch.Tensor) -> str:
         return f"the CUDA extension is unavailable: {_ext.unavailable_reason()}"
     if not hasattr(_ext.load(), "attention_fwd"):
         return "vefast._C was built without the attention kernels: reinstall vefast to rebuild it"
+    return _device_unsupported(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_unsupported(index: int) -> str:
+    """Empty when GPU ``index`` can run the kernels: sm_80+ (bf16 mma.sync) and an image for it in vefast._C
+    (probed once per device by launching the extension's probe kernel)."""
+    major, minor = torch.cuda.get_device_capability(index)
+    if major < 8:
+        return f"compute capability {major}.{minor} (the fused kernels need sm_80 or newer)"
+    try:
+        _ext.load().probe_arch(index)
+    except RuntimeError as e:
+        return f"vefast._C has no kernel image for this GPU (sm_{major}{minor}; rebuild with VEFAST_CUDA_ARCHS): {e}"
     return ""
 
 
