@@ -158,3 +158,14 @@ def test_gpu_paper_size_kernel_vs_float64():
     got = vefast.separation_function(x.cuda(), r, noise=e.cuda())
     torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
     torch.testing.assert_close(1 - got, 1 - ref, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_tiles_large_m():
+    """M = 4096 data rows (64 j tiles of the Triton kernel) against the float64 Gram path."""
+    g = torch.Generator().manual_seed(1)
+    x, e = torch.randn(4096, 64, generator=g), torch.randn(8, 64, generator=g)
+    r = torch.tensor([0.05, 0.3, 1.0, 3.0], dtype=torch.float64)
+    ref = vefast.separation_function(x.double().cuda(), r, noise=e.double().cuda())
+    got = vefast.separation_function(x.cuda(), r, noise=e.cuda())
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-6)
