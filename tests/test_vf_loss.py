@@ -157,8 +157,12 @@ def test_shapes_property(b, c, h, w, d):
     gz, gw = torch.autograd.grad(out.loss, (z, wt))
     rl, rz, rw = ref_grads_loss_only(z, f, wt, margin_cos=0.2, margin_dms=0.1)
     torch.testing.assert_close(out.loss.double().cpu(), rl, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gz.double().cpu(), rz, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(gw.double().cpu(), rw, rtol=1e-4, atol=1e-6)
+    # gradients: the flash-attn rule against the eager fp32 reference (with C = 1 the cosines are +-1 and
+    # dL/dz is 0 up to rounding, so a fixed absolute tolerance would judge fp32 noise, not the kernel)
+    ze, we = z.detach().clone().requires_grad_(), wt.detach().clone().requires_grad_()
+    ez, ew = torch.autograd.grad(vf_loss_reference(ze, f, we, margin_cos=0.2, margin_dms=0.1).loss, (ze, we))
+    err_bound(gz.cpu(), ez.cpu(), rz, floor=1e-6)  # ~8 fp32 ulps of the O(1) loss terms
+    err_bound(gw.cpu(), ew.cpu(), rw, floor=1e-6)
 
 
 def test_torch_compile_fullgraph(device):

@@ -9,10 +9,13 @@ patch features at the latent grid, N = h*w tokens and cos taken over the channel
     L_vf   = w_cos * L_mcos + w_dms * L_mdms            (defaults m1 = 0.5, m2 = 0.25, w = 1, 1)
 
 How the fused path computes it (choices the papers leave open are marked *):
-- The z side never leaves the C-dim latent space. With G = W^T W (C x C),
-  ||z'_n||^2 = z_n^T G z_n and cos(z'_i, z'_j) = a_i . b_j with a_n = z_n / ||z'_n|| and
-  b_n = G a_n, both (B, N, C) fp32; cos(z'_n, f_n) = (z_n . W^T f_n) / (||z'_n|| ||f_n||), where
-  W^T f is one (C x D') @ (D' x N) product per batch item. z' (B, D', N) is never formed.
+- The z side never leaves the C-dim latent space. z'_n = W z_n lies in the column space of W; with
+  Q (D' x k, k = min(D', C)) an orthonormal basis of it (reduced QR of W, held constant) and
+  P = Q^T W (k x C), ||z'_n|| = ||P z_n|| and cos(z'_i, z'_j) = u_i . u_j with the unit vectors
+  u_n = P z_n / ||P z_n|| ((B, N, k) fp32). The gradient w.r.t. W through P is exact (Q Q^T W = W).
+  Unlike the quadratic form z^T (W^T W) z, this has no cancellation when W z_n is small.
+  cos(z'_n, f_n) = (z_n . W^T f_n) / (||z'_n|| ||f_n||), where W^T f is one (C x D') @ (D' x N)
+  product per batch item. z' (B, D', N) is never formed.
 - The f side: 1 / ||f_n|| is computed once per call (fp32); the kernel takes the raw features in
   their own dtype (bf16 / fp16 / fp32) and scales each D'-contraction tile of f_I^T f_J by
   r_I r_J in fp32, so normalized features are never written either.
@@ -25,11 +28,11 @@ How the fused path computes it (choices the papers leave open are marked *):
   software-pipelines (and that the interpreter accepts: it rejects ``range`` over runtime bounds).
 *- Backward without recomputation: the pair term is a sum of pointwise functions of the two
   similarities, so dL/dS^z_ij = sign(S^z - S^f) [|S^z - S^f| > m2] is known in the forward tile.
-  When a gradient is needed the same kernel also accumulates dL/da_I = sum_j g_ij b_j and
-  dL/db_I = sum_j g_ij a_j (g is symmetric, up to the rounding of the two tile products) into (B, N, C) fp32 buffers; backward only scales them
-  by the incoming gradient. The D' contraction therefore runs once per step instead of twice
+  The kernel computes S^z_ij = a_i . b_j (here a = b = u). When a gradient is needed the same kernel
+  also accumulates dL/da_I = sum_j g_ij b_j and dL/db_I = sum_j g_ij a_j into (B, N, k) fp32 buffers;
+  backward only scales them by the incoming gradient (autograd adds both into du). The D' contraction therefore runs once per step instead of twice
   (recomputing the tiles in a separate backward would cost a second full pass over f).
-  The C-space glue (a, b, G, W^T f) is ordinary differentiable torch code, O(B N C D').
+  The C-space glue (Q, P z, W^T f) is ordinary differentiable torch code, O(B N C D').
 - Under TRITON_INTERPRET the feature tiles are cast to fp32 before ``tl.dot`` (the interpreter's
   bf16 dot is wrong in triton 3.6); products of bf16 / fp16 values are exact in fp32, so this is
   the GPU's arithmetic up to the accumulation order.
@@ -235,17 +238,21 @@ def _vf_loss_fused(z: torch.Tensor, features: torch.Tensor, w: torch.Tensor, mar
     bsz, c = z.shape[:2]
     zf = z.reshape(bsz, c, -1).float()                                    # (B, C, N)
     wf = w.float()
-    gram = wf.t() @ wf                                                    # (C, C)
-    gz = torch.matmul(gram, zf)                                           # (B, C, N)
-    rz = 1.0 / (zf * gz).sum(1).clamp_min(0.0).sqrt().clamp_min(EPS)     # 1 / ||W z_n||
+    # W z_n lies in the column space of W. With an orthonormal basis Q of it (reduced QR, held constant),
+    # P = Q^T W (k x C, k = min(D', C)) gives ||P z|| = ||W z|| and (P z_i).(P z_j) = (W z_i).(W z_j), and
+    # its gradient w.r.t. W is exactly W's (Q Q^T W = W). Every similarity becomes a dot of unit vectors
+    # in k <= C dims: no (B, D', N) projection, and no cancellation as in z^T (W^T W) z.
+    q = torch.linalg.qr(wf.detach())[0]                                   # (D', k)
+    pz = torch.matmul(q.t() @ wf, zf)                                     # (B, k, N)
+    rz = 1.0 / torch.linalg.vector_norm(pz, dim=1).clamp_min(EPS)        # 1 / ||W z_n||
     f = features.reshape(bsz, features.shape[1], -1)                      # (B, D', N), a view
     rf = 1.0 / torch.linalg.vector_norm(f, dim=1, dtype=torch.float32).clamp_min(EPS)
     # cos(z'_n, f_n) = z_n . (W^T f_n) / (||W z_n|| ||f_n||); W^T f in the features' dtype
     wtf = torch.matmul(w.t().to(f.dtype), f).float()                      # (B, C, N)
     cos = (zf * wtf).sum(1) * rz * rf
     cos_loss = torch.relu(1.0 - margin_cos - cos).mean()
-    a = (zf * rz[:, None]).transpose(1, 2).contiguous()                   # (B, N, C)
-    b = (gz * rz[:, None]).transpose(1, 2).contiguous()
+    u = (pz * rz[:, None]).transpose(1, 2).contiguous()                   # (B, N, k): unit W z_n
+    a = b = u
     with_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     pair_sum = _vf_pair_op(a, b, f.detach(), rf.detach().contiguous(), float(margin_dms), with_grad)[0]
     n = zf.shape[2]
