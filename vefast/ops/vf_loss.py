@@ -28,10 +28,11 @@ How the fused path computes it (choices the papers leave open are marked *):
   software-pipelines (and that the interpreter accepts: it rejects ``range`` over runtime bounds).
 *- Backward without recomputation: the pair term is a sum of pointwise functions of the two
   similarities, so dL/dS^z_ij = sign(S^z - S^f) [|S^z - S^f| > m2] is known in the forward tile.
-  The kernel computes S^z_ij = a_i . b_j (here a = b = u). When a gradient is needed the same kernel
-  also accumulates dL/da_I = sum_j g_ij b_j and dL/db_I = sum_j g_ij a_j into (B, N, k) fp32 buffers;
-  backward only scales them by the incoming gradient (autograd adds both into du). The D' contraction therefore runs once per step instead of twice
-  (recomputing the tiles in a separate backward would cost a second full pass over f).
+  The kernel computes S^z_ij = a_i . b_j (here a = b = u). When a gradient is needed the same
+  kernel also accumulates dL/da_I = sum_j g_ij b_j and dL/db_I = sum_j g_ij a_j into (B, N, k) fp32
+  buffers; backward only scales them by the incoming gradient (autograd adds both into du). The D'
+  contraction therefore runs once per step instead of twice (recomputing the tiles in a separate
+  backward would cost a second full pass over f).
   The C-space glue (Q, P z, W^T f) is ordinary differentiable torch code, O(B N C D').
 - Under TRITON_INTERPRET the feature tiles are cast to fp32 before ``tl.dot`` (the interpreter's
   bf16 dot is wrong in triton 3.6); products of bf16 / fp16 values are exact in fp32, so this is
@@ -252,9 +253,8 @@ def _vf_loss_fused(z: torch.Tensor, features: torch.Tensor, w: torch.Tensor, mar
     cos = (zf * wtf).sum(1) * rz * rf
     cos_loss = torch.relu(1.0 - margin_cos - cos).mean()
     u = (pz * rz[:, None]).transpose(1, 2).contiguous()                   # (B, N, k): unit W z_n
-    a = b = u
-    with_grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
-    pair_sum = _vf_pair_op(a, b, f.detach(), rf.detach().contiguous(), float(margin_dms), with_grad)[0]
+    with_grad = torch.is_grad_enabled() and u.requires_grad
+    pair_sum = _vf_pair_op(u, u, f.detach(), rf.detach().contiguous(), float(margin_dms), with_grad)[0]
     n = zf.shape[2]
     dms_loss = pair_sum / float(bsz * n * n)
     return VFOutput(weight_cos * cos_loss + weight_dms * dms_loss, cos_loss, dms_loss)
