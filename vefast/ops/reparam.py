@@ -151,20 +151,29 @@ def _out(x, ptr, RND_BF16: tl.constexpr):
 
 
 @triton.jit
-def _fwd_lane(acc_a, acc_b, loc, eps_rng, base, mean_ptr, logvar_ptr, noise_ptr, z_ptr, N, M,
-              sb_mean, sb_logvar, sb_noise, tau, delta,
-              KIND: tl.constexpr, HAS_NOISE: tl.constexpr, LAYOUT: tl.constexpr, CDT: tl.constexpr,
-              RND_BF16: tl.constexpr):
+def _lane_inputs(loc, eps_rng, base, mean_ptr, logvar_ptr, noise_ptr, N, M, sb_mean, sb_logvar, sb_noise,
+                 HAS_NOISE: tl.constexpr, LAYOUT: tl.constexpr, CDT: tl.constexpr):
+    """One lane's logical indices, mask, (row, col), and mean, raw logvar and eps in the compute dtype."""
     i = base + loc
     mask = i < N
     row, col = _rowcol(base, loc, M, LAYOUT)
     m = tl.load(mean_ptr + (row * sb_mean + col), mask=mask, other=0.0).to(CDT)
-    lv = tl.load(logvar_ptr + (row * sb_logvar + col), mask=mask, other=0.0).to(CDT)
-    lv = tl.minimum(tl.maximum(lv, -30.0), 20.0)
+    lv_raw = tl.load(logvar_ptr + (row * sb_logvar + col), mask=mask, other=0.0).to(CDT)
     if HAS_NOISE:
         eps = tl.load(noise_ptr + (row * sb_noise + col), mask=mask, other=0.0).to(CDT)
     else:
         eps = eps_rng.to(CDT)
+    return i, mask, row, col, m, lv_raw, eps
+
+
+@triton.jit
+def _fwd_lane(acc_a, acc_b, loc, eps_rng, base, mean_ptr, logvar_ptr, noise_ptr, z_ptr, N, M,
+              sb_mean, sb_logvar, sb_noise, tau, delta,
+              KIND: tl.constexpr, HAS_NOISE: tl.constexpr, LAYOUT: tl.constexpr, CDT: tl.constexpr,
+              RND_BF16: tl.constexpr):
+    i, mask, _, _, m, lv_raw, eps = _lane_inputs(loc, eps_rng, base, mean_ptr, logvar_ptr, noise_ptr, N, M,
+                                                  sb_mean, sb_logvar, sb_noise, HAS_NOISE, LAYOUT, CDT)
+    lv = tl.minimum(tl.maximum(lv_raw, -30.0), 20.0)
     std = tl.exp(0.5 * lv)
     var = tl.exp(lv)
     z = m + std * eps
@@ -248,17 +257,10 @@ def _bwd_lane(loc, eps_rng, base, c_a, c_b, dz_scalar, mean_ptr, logvar_ptr, noi
               dlogvar_ptr, N, M, sb_mean, sb_logvar, sb_noise, sb_dz, sb_dmean, sb_dlogvar, tau, delta,
               KIND: tl.constexpr, HAS_NOISE: tl.constexpr, DZ_MODE: tl.constexpr, LAYOUT: tl.constexpr,
               WRITE_DMEAN: tl.constexpr, WRITE_DLOGVAR: tl.constexpr, CDT: tl.constexpr, RND_BF16: tl.constexpr):
-    i = base + loc
-    mask = i < N
-    row, col = _rowcol(base, loc, M, LAYOUT)
-    m = tl.load(mean_ptr + (row * sb_mean + col), mask=mask, other=0.0).to(CDT)
-    lv_raw = tl.load(logvar_ptr + (row * sb_logvar + col), mask=mask, other=0.0).to(CDT)
+    _, mask, row, col, m, lv_raw, eps = _lane_inputs(loc, eps_rng, base, mean_ptr, logvar_ptr, noise_ptr, N, M,
+                                                      sb_mean, sb_logvar, sb_noise, HAS_NOISE, LAYOUT, CDT)
     inside = (lv_raw >= -30.0) & (lv_raw <= 20.0)
     lv = tl.minimum(tl.maximum(lv_raw, -30.0), 20.0)
-    if HAS_NOISE:
-        eps = tl.load(noise_ptr + (row * sb_noise + col), mask=mask, other=0.0).to(CDT)
-    else:
-        eps = eps_rng.to(CDT)
     std = tl.exp(0.5 * lv)
     var = tl.exp(lv)
     if DZ_MODE == 1:
