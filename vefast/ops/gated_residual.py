@@ -30,9 +30,9 @@ import triton
 import triton.language as tl
 
 from ._common import check_same_device, check_tensor
-from .norm_modulate import (NormModulateArgs, _load_modulation, _normalize, _normalize_bwd, check_norm_modulate_args,
-                            chunking, finish_modulation_grads, fused_path, mod_strides, norm_modulate_reference,
-                            promoted, row_blocks)
+from .norm_modulate import (NormModulateArgs, _load_modulation, _normalize, _normalize_bwd, _row_tile,
+                            check_norm_modulate_args, chunking, finish_modulation_grads, fused_path, mod_strides,
+                            norm_modulate_reference, promoted, row_blocks)
 
 
 class GatedResidualOutput(NamedTuple):
@@ -65,13 +65,7 @@ def _gr_fwd_kernel(X, Y, GATE, SHIFT, SCALE, W, H, OUT, N, D, eps,
                    s_shb, s_shd, s_scb, s_scd, s_w, s_hb, s_hn,
                    FUSE_NORM: tl.constexpr, IS_RMS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_W: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_n = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    mask = (rows < N)[:, None] & cmask[None, :]
-    x = tl.load(X + b * s_xb + rows[:, None] * s_xn + cols[None, :] * s_xd, mask=mask, other=0.0).to(tl.float32)
+    b, rows, cols, cmask, mask, x = _row_tile(X, N, D, s_xb, s_xn, s_xd, BLOCK_N, BLOCK_D)
     y = tl.load(Y + b * s_yb + rows[:, None] * s_yn + cols[None, :] * s_yd, mask=mask, other=0.0).to(tl.float32)
     gate = tl.load(GATE + b * s_gb + cols * s_gd, mask=cmask, other=0.0).to(tl.float32)
     h = (x + gate[None, :] * y).to(H.dtype.element_ty)

@@ -119,17 +119,23 @@ def _load_modulation(SHIFT, SCALE, W, b, cols, cmask, s_shb, s_shd, s_scb, s_scd
 
 
 @triton.jit
-def _nm_fwd_kernel(X, SHIFT, SCALE, W, OUT, N, D, eps,
-                   s_xb, s_xn, s_xd, s_shb, s_shd, s_scb, s_scd, s_w, s_ob, s_on,
-                   IS_RMS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_W: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_n = tl.program_id(0)
+def _row_tile(X, N, D, s_xb, s_xn, s_xd, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (row tile, batch item b): b, the tile's rows and columns, masks, and x[b, rows, :] in fp32."""
     b = tl.program_id(1).to(tl.int64)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
     mask = (rows < N)[:, None] & cmask[None, :]
     x = tl.load(X + b * s_xb + rows[:, None] * s_xn + cols[None, :] * s_xd, mask=mask, other=0.0).to(tl.float32)
+    return b, rows, cols, cmask, mask, x
+
+
+@triton.jit
+def _nm_fwd_kernel(X, SHIFT, SCALE, W, OUT, N, D, eps,
+                   s_xb, s_xn, s_xd, s_shb, s_shd, s_scb, s_scd, s_w, s_ob, s_on,
+                   IS_RMS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_W: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    b, rows, cols, cmask, mask, x = _row_tile(X, N, D, s_xb, s_xn, s_xd, BLOCK_N, BLOCK_D)
     xhat, rstd = _normalize(x, cmask, D, eps, IS_RMS)
     shift, scale1, w = _load_modulation(SHIFT, SCALE, W, b, cols, cmask, s_shb, s_shd, s_scb, s_scd, s_w,
                                         HAS_SHIFT, HAS_W)
