@@ -138,3 +138,38 @@ def test_checks_name_the_argument():
         _common.check_finite_number("tau", float("nan"))
     with pytest.raises(TypeError, match="lambda_var must be a real number"):
         _common.check_finite_number("lambda_var", "0.1")
+
+
+LAUNCHERS = {"reparam": ["_fwd_launch", "_bwd_launch"], "vf_loss": ["_vf_pair_launch"],
+             "align_loss": ["_align_fwd_launch", "_align_bwd_launch"], "norm_modulate": ["_nm_fwd", "_nm_bwd"],
+             "gated_residual": ["_gr_fwd", "_gr_bwd"], "swiglu": ["_swiglu_fwd", "_swiglu_bwd"],
+             "separation": ["_launch_separation"], "timestep_sample": ["_launch_sample"]}
+
+
+def test_launchers_run_on_the_tensors_gpu(monkeypatch):
+    """Triton launches on the current device: every launcher switches to its first tensor's GPU."""
+    import importlib
+    import types
+
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", Recorder)
+    for mod, names in LAUNCHERS.items():
+        module = importlib.import_module(f"vefast.ops.{mod}")
+        for name in names:
+            launch = getattr(module, name)
+            assert getattr(launch, "__wrapped__", None) is not None, f"{mod}.{name} is not wrapped by on_tensor_device"
+    fake = types.SimpleNamespace(device=torch.device("cuda", 1))
+    assert _common.on_tensor_device(lambda t, x: x + 1)(fake, 1) == 2
+    assert entered == [torch.device("cuda", 1)]
+    assert _common.on_tensor_device(lambda t: "cpu")(torch.zeros(1)) == "cpu" and len(entered) == 1

@@ -1,7 +1,6 @@
 """Module swaps: patched DiT / SiT / LightningDiT give the unpatched outputs and gradients, share parameters."""
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest

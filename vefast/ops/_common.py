@@ -6,9 +6,11 @@ CPU test lane). The environment is read at call time, never at import.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 import torch
 
@@ -16,6 +18,20 @@ REDUCTIONS = ("mean", "sum")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _reported: dict[str, str] = {}
+_F = TypeVar("_F", bound=Callable)
+
+
+def on_tensor_device(launch: _F) -> _F:
+    """Run a kernel launcher with its first argument's GPU as the current device. Triton launches on
+    the current device and its current stream, not on the tensors' device (``cuda:1`` tensors while
+    ``cuda:0`` is current would be an illegal access)."""
+    @functools.wraps(launch)
+    def wrapper(t: torch.Tensor, *args, **kwargs):
+        if t.device.type != "cuda":
+            return launch(t, *args, **kwargs)
+        with torch.cuda.device(t.device):
+            return launch(t, *args, **kwargs)
+    return wrapper  # type: ignore[return-value]
 
 
 def interpret_mode() -> bool:

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_finite_number, check_same_device, check_same_shape, check_tensor, report_once, use_triton
+from ._common import (check_finite_number, check_same_device, check_same_shape, check_tensor, on_tensor_device,
+                      report_once, use_triton)
 
 EPS = 1e-8
 
@@ -143,6 +144,7 @@ def _blocks(d: int) -> tuple[int, int, int]:
     return block_r, block_d, num_warps
 
 
+@on_tensor_device
 def _align_fwd_launch(p: torch.Tensor, t: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     r, d = p.shape
     block_r, block_d, warps = _blocks(d)
@@ -154,6 +156,7 @@ def _align_fwd_launch(p: torch.Tensor, t: torch.Tensor, beta: float) -> tuple[to
     return part.sum(0), stats
 
 
+@on_tensor_device
 def _align_bwd_launch(p, t, stats, gout, beta, need_gt):
     r, d = p.shape
     block_r, block_d, warps = _blocks(d)

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_same_device, check_tensor
+from ._common import check_same_device, check_tensor, on_tensor_device
 from .norm_modulate import (NormModulateArgs, _load_modulation, _normalize, _normalize_bwd, _row_tile,
                             check_norm_modulate_args, chunking, finish_modulation_grads, fused_path, mod_strides,
                             norm_modulate_reference, promoted, row_blocks)
@@ -133,6 +133,7 @@ def _gr_bwd_kernel(DH, DOUT, HRES, Y, GATE, SCALE, W, DX, DY, PART_G, PART_P, PA
 # --------------------------------------------------------------------------------------------
 # launchers
 # --------------------------------------------------------------------------------------------
+@on_tensor_device
 def _gr_fwd(x, y, gate, shift, scale, weight, fuse: bool, rms: bool, eps: float):
     B, N, D = x.shape
     h = torch.empty((B, N, D), dtype=promoted(x, y, gate), device=x.device)
@@ -148,6 +149,7 @@ def _gr_fwd(x, y, gate, shift, scale, weight, fuse: bool, rms: bool, eps: float)
     return h, out
 
 
+@on_tensor_device
 def _gr_bwd(dh, dout, hres, y, gate, shift, scale, weight, x_dtype, fuse: bool, rms: bool, eps: float):
     """(dx or empty, dy, dgate, dshift, dscale, dweight); empty tensors stand for "not computed"."""
     B, N, D = y.shape

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_finite_number, check_same_device, check_tensor, report_once, use_triton
+from ._common import check_finite_number, check_same_device, check_tensor, on_tensor_device, report_once, use_triton
 
 NORMS = ("layernorm", "rmsnorm")
 
@@ -211,6 +211,7 @@ def finish_modulation_grads(part_p: torch.Tensor, part_q: torch.Tensor, shift: t
     return dshift, dscale, dweight
 
 
+@on_tensor_device
 def _nm_fwd(x, shift, scale, weight, rms: bool, eps: float) -> torch.Tensor:
     B, N, D = x.shape
     out = torch.empty((B, N, D), dtype=promoted(x, shift, scale, weight), device=x.device)
@@ -223,6 +224,7 @@ def _nm_fwd(x, shift, scale, weight, rms: bool, eps: float) -> torch.Tensor:
     return out
 
 
+@on_tensor_device
 def _nm_bwd(dout, x, shift, scale, weight, rms: bool, eps: float):
     B, N, D = x.shape
     block_n, block_d, num_warps = row_blocks(D)

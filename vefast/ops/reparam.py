@@ -37,24 +37,14 @@ Choices (documented in docs/reparam.md):
 """
 from __future__ import annotations
 
-import contextlib
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import (
-    check_finite_number,
-    check_reduction,
-    check_same_device,
-    check_same_shape,
-    check_tensor,
-    draw_seed,
-    interpret_mode,
-    reduction_scale,
-    use_triton,
-)
+from ._common import (check_finite_number, check_reduction, check_same_device, check_same_shape, check_tensor,
+                      draw_seed, interpret_mode, on_tensor_device, reduction_scale, use_triton)
 
 __all__ = ["VEOutput", "KLOutput", "ve_loss", "kl_loss", "ve_loss_reference", "kl_loss_reference", "NOISE_Q"]
 
@@ -421,6 +411,7 @@ def _prepare(x, logvar, noise):
     return mean, lv, noise, has_noise, (N, B, M), (sb_m, sb_l, sb_n)
 
 
+@on_tensor_device
 def _fwd_launch(x, logvar, noise, seed, kind, lam_a, lam_b, tau, delta, reduction):
     mean, lv, noise, has_noise, (N, B, M), (sb_m, sb_l, sb_n) = _prepare(x, logvar, noise)
     groups, warps, P = _tiling(N, mean.device)
@@ -445,6 +436,7 @@ def _fwd_launch(x, logvar, noise, seed, kind, lam_a, lam_b, tau, delta, reductio
     return z, loss, a, b
 
 
+@on_tensor_device
 def _bwd_launch(x, logvar, noise, seed, dz, g_loss, g_a, g_b, kind, lam_a, lam_b, tau, delta, reduction,
                 need_x, need_logvar):
     mean, lv, noise, has_noise, (N, B, M), (sb_m, sb_l, sb_n) = _prepare(x, logvar, noise)
@@ -489,11 +481,6 @@ def _bwd_launch(x, logvar, noise, seed, dz, g_loss, g_a, g_b, kind, lam_a, lam_b
     return dx, dlogvar_out
 
 
-def _device_guard(t: torch.Tensor):
-    """Launch on the tensor's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
 # ----------------------------------------------------------------------------------------------
 # torch.library ops. ``x`` is ``mean`` (with ``logvar``) or, when ``logvar`` is None, ``moments``
 # (mean and logvar are its halves along dim 1; backward then writes d moments in one buffer, so
@@ -503,8 +490,7 @@ def _device_guard(t: torch.Tensor):
 def _reparam_fwd_op(x: torch.Tensor, logvar: torch.Tensor | None, noise: torch.Tensor | None,
                     seed: torch.Tensor | None, kind: int, lam_a: float, lam_b: float, tau: float, delta: float,
                     reduction: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _device_guard(x):
-        return _fwd_launch(x, logvar, noise, seed, kind, lam_a, lam_b, tau, delta, reduction)
+    return _fwd_launch(x, logvar, noise, seed, kind, lam_a, lam_b, tau, delta, reduction)
 
 
 @_reparam_fwd_op.register_fake
@@ -521,9 +507,8 @@ def _reparam_bwd_op(x: torch.Tensor, logvar: torch.Tensor | None, noise: torch.T
                     g_a: torch.Tensor | None, g_b: torch.Tensor | None, kind: int, lam_a: float, lam_b: float,
                     tau: float, delta: float, reduction: str, need_x: bool,
                     need_logvar: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    with _device_guard(x):
-        return _bwd_launch(x, logvar, noise, seed, dz, g_loss, g_a, g_b, kind, lam_a, lam_b, tau, delta, reduction,
-                           need_x, need_logvar)
+    return _bwd_launch(x, logvar, noise, seed, dz, g_loss, g_a, g_b, kind, lam_a, lam_b, tau, delta, reduction,
+                       need_x, need_logvar)
 
 
 @_reparam_bwd_op.register_fake

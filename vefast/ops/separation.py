@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import on_tensor_device
+
 ONEHOT_GAP = 110.0  # e^-110 < 2^-150: off-diagonal weights underflow to exactly 0 in fp32
 
 
@@ -226,6 +228,7 @@ def _block_sizes(m: int, k: int) -> tuple[int, int]:
     return block_l, block_j
 
 
+@on_tensor_device
 def _launch_separation(dist: torch.Tensor, p: torch.Tensor, gd: torch.Tensor, min_dist: torch.Tensor,
                        pmax: torch.Tensor, snr: torch.Tensor, *, block_l: int | None = None,
                        block_j: int | None = None) -> torch.Tensor:

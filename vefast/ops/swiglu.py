@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_tensor
+from ._common import check_tensor, on_tensor_device
 from .norm_modulate import fused_path
 
 
@@ -70,6 +70,7 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+@on_tensor_device
 def _swiglu_fwd(x12: torch.Tensor) -> torch.Tensor:
     x = _as_rows(x12)
     M, H = x.shape[0], x.shape[1] // 2
@@ -80,6 +81,7 @@ def _swiglu_fwd(x12: torch.Tensor) -> torch.Tensor:
     return out.view(*x12.shape[:-1], H)
 
 
+@on_tensor_device
 def _swiglu_bwd(dout: torch.Tensor, x12: torch.Tensor) -> torch.Tensor:
     x = _as_rows(x12)
     g = _as_rows(dout)

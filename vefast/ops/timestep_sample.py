@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from . import _common
+from ._common import on_tensor_device
 
 BLOCK = 1024
 U_BITS = 23
@@ -79,6 +80,7 @@ def _sample_kernel(table_ptr, u_ptr, out_ptr, n, seed, U: tl.constexpr, BLOCK: t
         _lookup_store(table_ptr, out_ptr, ((r3 >> 9).to(tl.float32) + 0.5) * scale, base + 3 * BLOCK, n, U)
 
 
+@on_tensor_device
 def _launch_sample(table: torch.Tensor, n: int, seed: int, u: torch.Tensor | None = None) -> torch.Tensor:
     out = torch.empty(n, dtype=torch.float32, device=table.device)
     if n == 0:

@@ -49,11 +49,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_finite_number, check_same_device, check_tensor, interpret_mode, report_once, use_triton
+from ._common import (check_finite_number, check_same_device, check_tensor, interpret_mode, on_tensor_device,
+                      report_once, use_triton)
 
 EPS = 1e-8
 
@@ -173,6 +173,7 @@ def _tuned_kernel():
     return _TUNED[0]
 
 
+@on_tensor_device
 def _vf_pair_launch(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, rf: torch.Tensor, margin: float,
                     with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     bsz, n, c = a.shape

@@ -511,7 +511,7 @@ def train(cfg: DiTConfig, *, latents: Path, out: Path, resume: bool = False, pro
     if cfg.repa.weight > 0:
         repa_dim = ds.info.get("repa_feature_dim")
         if repa_dim is None:
-            raise ConfigError(f"repa.weight > 0 needs DINOv2 features stored with the latents: "
+            raise ConfigError("repa.weight > 0 needs DINOv2 features stored with the latents: "
                               f"re-run `vefast extract-latents ... --repa-dinov2 NAME`")
     dist_info = init_distributed(tc.device)
     device = dist_info.device
