@@ -173,3 +173,9 @@ def test_launchers_run_on_the_tensors_gpu(monkeypatch):
     assert _common.on_tensor_device(lambda t, x: x + 1)(fake, 1) == 2
     assert entered == [torch.device("cuda", 1)]
     assert _common.on_tensor_device(lambda t: "cpu")(torch.zeros(1)) == "cpu" and len(entered) == 1
+
+
+def test_grid_axis_limit_is_a_clear_error():
+    _common.check_grid_axis("norm_modulate: batch size B", 65535)
+    with pytest.raises(ValueError, match=r"batch size B = 65536 exceeds 65535"):
+        _common.check_grid_axis("norm_modulate: batch size B", 65536)

@@ -254,6 +254,25 @@ def test_clamp_region_gradients_are_zero(kind):
         torch.testing.assert_close(f.double(), r, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["ve", "kl"])
+def test_nan_logvar_propagates_like_torch_clamp(kind, device):
+    """A NaN logvar must give NaN (as torch.clamp), not a clamped finite value: GPU min/max drop NaN."""
+    logvar = torch.tensor([[0.5, float("nan"), -1.0, 2.0]], device=device)
+    mean = torch.tensor([[0.1, 0.2, -0.3, 0.4]], device=device)
+    noise = torch.tensor([[0.5, -0.5, 1.0, 0.25]], device=device)
+    kw = kind_kw(kind)
+    m, lv = leaf(mean), leaf(logvar)
+    outs = fused(kind, m, lv, noise, **kw)
+    m64, lv64 = leaf(mean, torch.float64), leaf(logvar, torch.float64)
+    ref = reference(kind, m64, lv64, noise.double(), **kw)
+    for f, r in zip(outs, ref):
+        assert torch.equal(torch.isnan(f), torch.isnan(r)), (f, r)
+    gf = grads_of(outs, (m, lv), [torch.ones_like(outs[0])] + [torch.ones_like(o) for o in outs[1:]])
+    gr = grads_of(ref, (m64, lv64), [torch.ones_like(r) for r in ref])
+    for f, r in zip(gf, gr):
+        assert torch.equal(torch.isnan(f), torch.isnan(r)), (f, r)
+
+
 # ---------------------------------------------------------------------------------------------
 # in-kernel Philox noise
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,16 @@ _reported: dict[str, str] = {}
 _F = TypeVar("_F", bound=Callable)
 
 
+GRID_YZ_MAX = 65535  # CUDA's limit on the 2nd and 3rd grid axes
+
+
+def check_grid_axis(what: str, value: int) -> None:
+    """A kernel puts ``value`` programs on its 2nd or 3rd grid axis: refuse more than CUDA allows."""
+    if value > GRID_YZ_MAX:
+        raise ValueError(f"{what} = {value} exceeds {GRID_YZ_MAX}, the CUDA grid limit of the fused kernel "
+                         f"(split the call into parts of at most {GRID_YZ_MAX})")
+
+
 def on_tensor_device(launch: _F) -> _F:
     """Run a kernel launcher with its first argument's GPU as the current device. Triton launches on
     the current device and its current stream, not on the tensors' device (``cuda:1`` tensors while

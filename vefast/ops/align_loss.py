@@ -75,7 +75,7 @@ def _align_fwd_kernel(p_ptr, t_ptr, stats_ptr, part_ptr, R, sp_r, sp_d, st_r, st
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < R
     rows64 = rows.to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)  # c * stride of a strided view may pass 2^31
     dot = tl.zeros((BLOCK_R,), dtype=tl.float32)
     pp = tl.zeros((BLOCK_R,), dtype=tl.float32)
     tt = tl.zeros((BLOCK_R,), dtype=tl.float32)
@@ -110,7 +110,7 @@ def _align_bwd_kernel(p_ptr, t_ptr, stats_ptr, gout_ptr, gp_ptr, gt_ptr, R, sp_r
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < R
     rows64 = rows.to(tl.int64)
-    cols = tl.arange(0, BLOCK_D)
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)  # c * stride of a strided view may pass 2^31
     # gradients of the two sums: d sum(1 - cos) / d cos_r = -1, d sum(huber) / d x_rd = huber'(x)
     c_cos = -tl.load(gout_ptr)
     c_sm = tl.load(gout_ptr + 1)

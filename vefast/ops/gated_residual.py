@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_same_device, check_tensor, on_tensor_device
+from ._common import check_grid_axis, check_same_device, check_tensor, on_tensor_device
 from .norm_modulate import (NormModulateArgs, _load_modulation, _normalize, _normalize_bwd, _row_tile,
                             check_norm_modulate_args, chunking, finish_modulation_grads, fused_path, mod_strides,
                             norm_modulate_reference, promoted, row_blocks)
@@ -100,7 +100,7 @@ def _gr_bwd_kernel(DH, DOUT, HRES, Y, GATE, SCALE, W, DX, DY, PART_G, PART_P, PA
     acc_q = tl.zeros([BLOCK_D], dtype=tl.float32)
     t = 0
     while t < tiles_per_prog:  # a while loop: the interpreter rejects range() over a runtime bound
-        rows = (pid * tiles_per_prog + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = ((pid * tiles_per_prog + t) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask = (rows < N)[:, None] & cmask[None, :]
         rc = rows[:, None]
         cc = cols[None, :]
@@ -136,6 +136,7 @@ def _gr_bwd_kernel(DH, DOUT, HRES, Y, GATE, SCALE, W, DX, DY, PART_G, PART_P, PA
 @on_tensor_device
 def _gr_fwd(x, y, gate, shift, scale, weight, fuse: bool, rms: bool, eps: float):
     B, N, D = x.shape
+    check_grid_axis("gated_residual: batch size B", B)
     h = torch.empty((B, N, D), dtype=promoted(x, y, gate), device=x.device)
     out = torch.empty((B, N, D), dtype=promoted(h, shift, scale, weight), device=x.device) if fuse else h
     block_n, block_d, num_warps = row_blocks(D)
@@ -153,6 +154,7 @@ def _gr_fwd(x, y, gate, shift, scale, weight, fuse: bool, rms: bool, eps: float)
 def _gr_bwd(dh, dout, hres, y, gate, shift, scale, weight, x_dtype, fuse: bool, rms: bool, eps: float):
     """(dx or empty, dy, dgate, dshift, dscale, dweight); empty tensors stand for "not computed"."""
     B, N, D = y.shape
+    check_grid_axis("gated_residual: batch size B", B)
     dev = y.device
     block_n, block_d, num_warps = row_blocks(D)
     tiles, chunks = chunking(B, N, block_n)

@@ -31,7 +31,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_finite_number, check_same_device, check_tensor, on_tensor_device, report_once, use_triton
+from ._common import (check_finite_number, check_grid_axis, check_same_device, check_tensor, on_tensor_device,
+                      report_once, use_triton)
 
 NORMS = ("layernorm", "rmsnorm")
 
@@ -122,8 +123,8 @@ def _load_modulation(SHIFT, SCALE, W, b, cols, cmask, s_shb, s_shd, s_scb, s_scd
 def _row_tile(X, N, D, s_xb, s_xn, s_xd, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (row tile, batch item b): b, the tile's rows and columns, masks, and x[b, rows, :] in fp32."""
     b = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, BLOCK_D)
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # offsets of strided views
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)
     cmask = cols < D
     mask = (rows < N)[:, None] & cmask[None, :]
     x = tl.load(X + b * s_xb + rows[:, None] * s_xn + cols[None, :] * s_xd, mask=mask, other=0.0).to(tl.float32)
@@ -158,7 +159,7 @@ def _nm_bwd_kernel(DOUT, X, SCALE, W, DX, PART_P, PART_Q, N, D, eps, tiles_per_p
     acc_q = tl.zeros([BLOCK_D], dtype=tl.float32)
     t = 0
     while t < tiles_per_prog:  # a while loop: the interpreter rejects range() over a runtime bound
-        rows = (pid * tiles_per_prog + t) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = ((pid * tiles_per_prog + t) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask = (rows < N)[:, None] & cmask[None, :]
         x = tl.load(X + b * s_xb + rows[:, None] * s_xn + cols[None, :] * s_xd, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(DOUT + b * s_gb + rows[:, None] * s_gn + cols[None, :] * s_gd, mask=mask, other=0.0).to(tl.float32)
@@ -214,6 +215,7 @@ def finish_modulation_grads(part_p: torch.Tensor, part_q: torch.Tensor, shift: t
 @on_tensor_device
 def _nm_fwd(x, shift, scale, weight, rms: bool, eps: float) -> torch.Tensor:
     B, N, D = x.shape
+    check_grid_axis("norm_modulate: batch size B", B)
     out = torch.empty((B, N, D), dtype=promoted(x, shift, scale, weight), device=x.device)
     block_n, block_d, num_warps = row_blocks(D)
     grid = (triton.cdiv(N, block_n), B)
@@ -227,6 +229,7 @@ def _nm_fwd(x, shift, scale, weight, rms: bool, eps: float) -> torch.Tensor:
 @on_tensor_device
 def _nm_bwd(dout, x, shift, scale, weight, rms: bool, eps: float):
     B, N, D = x.shape
+    check_grid_axis("norm_modulate: batch size B", B)
     block_n, block_d, num_warps = row_blocks(D)
     tiles, chunks = chunking(B, N, block_n)
     dx = torch.empty((B, N, D), dtype=x.dtype, device=x.device)

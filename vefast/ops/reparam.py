@@ -141,6 +141,12 @@ def _out(x, ptr, RND_BF16: tl.constexpr):
 
 
 @triton.jit
+def _clamp_logvar(lv):
+    """clamp(lv, -30, 20) keeping NaN (as torch.clamp): GPU min/max return the non-NaN operand."""
+    return tl.where(lv != lv, lv, tl.minimum(tl.maximum(lv, -30.0), 20.0))
+
+
+@triton.jit
 def _lane_inputs(loc, eps_rng, base, mean_ptr, logvar_ptr, noise_ptr, N, M, sb_mean, sb_logvar, sb_noise,
                  HAS_NOISE: tl.constexpr, LAYOUT: tl.constexpr, CDT: tl.constexpr):
     """One lane's logical indices, mask, (row, col), and mean, raw logvar and eps in the compute dtype."""
@@ -163,7 +169,7 @@ def _fwd_lane(acc_a, acc_b, loc, eps_rng, base, mean_ptr, logvar_ptr, noise_ptr,
               RND_BF16: tl.constexpr):
     i, mask, _, _, m, lv_raw, eps = _lane_inputs(loc, eps_rng, base, mean_ptr, logvar_ptr, noise_ptr, N, M,
                                                   sb_mean, sb_logvar, sb_noise, HAS_NOISE, LAYOUT, CDT)
-    lv = tl.minimum(tl.maximum(lv_raw, -30.0), 20.0)
+    lv = _clamp_logvar(lv_raw)
     std = tl.exp(0.5 * lv)
     var = tl.exp(lv)
     z = m + std * eps
@@ -195,7 +201,7 @@ def _tile_noise(seed, HAS_NOISE: tl.constexpr, Q: tl.constexpr, GROUPS: tl.const
     return pid, pid * (GROUPS * 4 * Q), g * (4 * Q) + q, n0, n1, n2, n3
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _reparam_fwd_kernel(mean_ptr, logvar_ptr, noise_ptr, z_ptr, part_ptr, seed, N, M,
                         sb_mean, sb_logvar, sb_noise, tau, delta,
                         KIND: tl.constexpr, HAS_NOISE: tl.constexpr, LAYOUT: tl.constexpr,
@@ -250,7 +256,7 @@ def _bwd_lane(loc, eps_rng, base, c_a, c_b, dz_scalar, mean_ptr, logvar_ptr, noi
     _, mask, row, col, m, lv_raw, eps = _lane_inputs(loc, eps_rng, base, mean_ptr, logvar_ptr, noise_ptr, N, M,
                                                       sb_mean, sb_logvar, sb_noise, HAS_NOISE, LAYOUT, CDT)
     inside = (lv_raw >= -30.0) & (lv_raw <= 20.0)
-    lv = tl.minimum(tl.maximum(lv_raw, -30.0), 20.0)
+    lv = _clamp_logvar(lv_raw)
     std = tl.exp(0.5 * lv)
     var = tl.exp(lv)
     if DZ_MODE == 1:
@@ -276,7 +282,7 @@ def _bwd_lane(loc, eps_rng, base, c_a, c_b, dz_scalar, mean_ptr, logvar_ptr, noi
         tl.store(dlogvar_ptr + (row * sb_dlogvar + col), _out(dlv, dlogvar_ptr, RND_BF16), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _reparam_bwd_kernel(mean_ptr, logvar_ptr, noise_ptr, dz_ptr, gl_ptr, ga_ptr, gb_ptr, dmean_ptr, dlogvar_ptr,
                         seed, N, M, sb_mean, sb_logvar, sb_noise, sb_dz, sb_dmean, sb_dlogvar,
                         scale, lam_a, lam_b, tau, delta,

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import on_tensor_device
+from ._common import check_grid_axis, on_tensor_device
 
 ONEHOT_GAP = 110.0  # e^-110 < 2^-150: off-diagonal weights underflow to exactly 0 in fp32
 
@@ -233,6 +233,7 @@ def _launch_separation(dist: torch.Tensor, p: torch.Tensor, gd: torch.Tensor, mi
                        pmax: torch.Tensor, snr: torch.Tensor, *, block_l: int | None = None,
                        block_j: int | None = None) -> torch.Tensor:
     m, k, nr = dist.shape[0], p.shape[0], snr.numel()
+    check_grid_axis("separation_function: data rows M", m)
     auto_l, auto_j = _block_sizes(m, k)
     block_l, block_j = block_l or auto_l, block_j or auto_j
     n_lb = triton.cdiv(k, block_l)

@@ -32,7 +32,7 @@ def swiglu_reference(x12: torch.Tensor) -> torch.Tensor:
 def _load_halves(X, M, H, s_xm, s_xh, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     """This program's (BLOCK_M, BLOCK_H) tile of x1 = x12[..., :H] and x2 = x12[..., H:], in fp32."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cols = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)
     mask = (rows < M)[:, None] & (cols < H)[None, :]
     p1 = X + rows[:, None] * s_xm + cols[None, :] * s_xh
     x1 = tl.load(p1, mask=mask, other=0.0).to(tl.float32)

@@ -51,7 +51,7 @@ def timestep_sample_reference(table: torch.Tensor, u: torch.Tensor) -> torch.Ten
 @triton.jit
 def _lookup_store(table_ptr, out_ptr, u, idx, n, U: tl.constexpr):
     x = u * U
-    m = tl.minimum(x.to(tl.int32), U - 1)  # u > 0: truncation is floor
+    m = tl.maximum(tl.minimum(x.to(tl.int32), U - 1), 0)  # u > 0: truncation is floor; clamped for u <= 0
     frac = x - m.to(tl.float32)
     lo = tl.load(table_ptr + m)
     hi = tl.load(table_ptr + m + 1)
@@ -60,7 +60,7 @@ def _lookup_store(table_ptr, out_ptr, u, idx, n, U: tl.constexpr):
     tl.store(out_ptr + idx, t, mask=idx < n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed"])
 def _sample_kernel(table_ptr, u_ptr, out_ptr, n, seed, U: tl.constexpr, BLOCK: tl.constexpr,
                    FROM_U: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)

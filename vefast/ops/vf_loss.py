@@ -52,8 +52,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (check_finite_number, check_same_device, check_tensor, interpret_mode, on_tensor_device,
-                      report_once, use_triton)
+from ._common import (check_finite_number, check_grid_axis, check_same_device, check_tensor, interpret_mode,
+                      on_tensor_device, report_once, use_triton)
 
 EPS = 1e-8
 
@@ -177,6 +177,7 @@ def _tuned_kernel():
 def _vf_pair_launch(a: torch.Tensor, b: torch.Tensor, f: torch.Tensor, rf: torch.Tensor, margin: float,
                     with_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     bsz, n, c = a.shape
+    check_grid_axis("vf_loss: batch size B", bsz)
     d = f.shape[1]
     block_c = max(16, triton.next_power_of_2(c))
     # fp32 features: true fp32 dots (as cuBLAS' default); bf16/fp16: tensor-core dots of the features,
