@@ -351,6 +351,8 @@ def test_eager_cpu_path(monkeypatch):
     z = kl_loss(mean, logvar, generator=torch.Generator().manual_seed(2)).z
     eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(z, kl_loss_reference(mean, logvar, eps).z, rtol=0, atol=0)
+    from vefast.ops._common import reported_fallbacks
+    assert {"ve_loss:cpu", "kl_loss:cpu"} <= set(reported_fallbacks())  # never silent
 
 
 # ---------------------------------------------------------------------------------------------

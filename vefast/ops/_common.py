@@ -57,6 +57,20 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return device.type == "cpu" and interpret_mode()
 
 
+def triton_path(op: str, *tensors: torch.Tensor | None, float64_in_kernel: bool = False) -> bool:
+    """Whether ``op`` runs its Triton kernels on these tensors (None entries ignored). When it does not,
+    the caller runs the eager reference, and the reason is reported once: CPU tensors outside the
+    interpreter, or float64 inputs for kernels that compute in fp32 (``float64_in_kernel=False``)."""
+    present = [t for t in tensors if t is not None]
+    if not use_triton(*present):
+        report_once(f"{op}:cpu", f"{op}: CPU tensors run the eager reference (Triton needs CUDA or TRITON_INTERPRET=1)")
+        return False
+    if not float64_in_kernel and any(t.dtype == torch.float64 for t in present):
+        report_once(f"{op}:float64", f"{op}: float64 inputs run the eager reference (the kernels accumulate in fp32)")
+        return False
+    return True
+
+
 def report_once(key: str, message: str) -> None:
     """Warn once per ``key`` that a fused path is not taken; ``vefast.info()`` lists these too."""
     if key not in _reported:

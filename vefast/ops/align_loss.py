@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from ._common import (check_finite_number, check_same_device, check_same_shape, check_tensor, on_tensor_device,
-                      report_once, use_triton)
+                      triton_path)
 
 EPS = 1e-8
 
@@ -232,11 +232,7 @@ def align_loss(pred: torch.Tensor, target: torch.Tensor, *, weight_cos: float = 
     row (token) over the last dim, smooth-L1 averaged over every element.
     """
     _check_align_args(pred, target, {"weight_cos": weight_cos, "weight_smooth": weight_smooth, "beta": beta})
-    if not use_triton(pred):
-        return align_loss_reference(pred, target, weight_cos=weight_cos, weight_smooth=weight_smooth, beta=beta)
-    if torch.float64 in (pred.dtype, target.dtype):
-        report_once("align_loss_float64", "align_loss: float64 inputs run the eager reference (the kernels "
-                                          "accumulate in fp32)")
+    if not triton_path("align_loss", pred, target):
         return align_loss_reference(pred, target, weight_cos=weight_cos, weight_smooth=weight_smooth, beta=beta)
     d = pred.shape[-1]
     sums, _ = _align_op(pred.reshape(-1, d), target.reshape(-1, d), float(beta))

@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_grid_axis, check_same_device, check_tensor, on_tensor_device
+from ._common import check_grid_axis, check_same_device, check_tensor, on_tensor_device, triton_path
 from .norm_modulate import (NormModulateArgs, _load_modulation, _normalize, _normalize_bwd, _row_tile,
-                            check_norm_modulate_args, chunking, finish_modulation_grads, fused_path, mod_strides,
+                            check_norm_modulate_args, chunking, finish_modulation_grads, mod_strides,
                             norm_modulate_reference, promoted, row_blocks)
 
 
@@ -296,7 +296,7 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *,
         raise ValueError(f"gate must have shape (B, D) = {(x.shape[0], x.shape[2])}, got {tuple(gate.shape)}")
     check_same_device(x=x, y=y, gate=gate)
     if norm_modulate is None:
-        if not fused_path("gated_residual", x, y, gate) or x.numel() == 0:
+        if not triton_path("gated_residual", x, y, gate) or x.numel() == 0:
             return gated_residual_reference(x, y, gate)
         return _gated_residual_op(x, y, gate)
     if not isinstance(norm_modulate, tuple) or not 2 <= len(norm_modulate) <= 5:
@@ -305,7 +305,7 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *,
                         + (f" of length {len(norm_modulate)}" if isinstance(norm_modulate, tuple) else ""))
     a = NormModulateArgs(*norm_modulate)
     check_norm_modulate_args(x, a.shift, a.scale, a.norm, a.weight, a.eps)
-    if not fused_path("gated_residual", x, y, gate, a.shift, a.scale, a.weight) or x.numel() == 0:
+    if not triton_path("gated_residual", x, y, gate, a.shift, a.scale, a.weight) or x.numel() == 0:
         return gated_residual_reference(x, y, gate, norm_modulate=a)
     h, out = _grnm_op(x, y, gate, a.shift, a.scale, a.weight, a.norm == "rmsnorm", float(a.eps))
     return GatedResidualOutput(h, out)

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ._common import (check_finite_number, check_grid_axis, check_same_device, check_tensor, on_tensor_device,
-                      report_once, use_triton)
+                      triton_path)
 
 NORMS = ("layernorm", "rmsnorm")
 
@@ -313,18 +313,6 @@ def check_norm_modulate_args(x: torch.Tensor, shift: torch.Tensor | None, scale:
     check_same_device(x=x, shift=shift, scale=scale, weight=weight)
 
 
-def fused_path(op: str, *tensors: torch.Tensor | None) -> bool:
-    """Whether the Triton kernels of ``op`` run for these tensors; reports the eager fallback once."""
-    present = [t for t in tensors if t is not None]
-    if not use_triton(*present):
-        report_once(f"{op}:cpu", f"{op}: CPU tensors run the eager reference (Triton needs CUDA or TRITON_INTERPRET=1)")
-        return False
-    if any(t.dtype == torch.float64 for t in present):
-        report_once(f"{op}:float64", f"{op}: float64 inputs run the eager reference (the kernels compute in fp32)")
-        return False
-    return True
-
-
 def norm_modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor, *, norm: str = "layernorm",
                   weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
     """``norm(x) * weight * (1 + scale) + shift`` over the last axis (MATH.md §7, DiT's adaLN modulate).
@@ -334,6 +322,6 @@ def norm_modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tens
     Returns (B, N, D) in the promoted dtype of the inputs. Differentiable in x, shift, scale, weight.
     """
     check_norm_modulate_args(x, shift, scale, norm, weight, eps)
-    if not fused_path("norm_modulate", x, shift, scale, weight) or x.numel() == 0:
+    if not triton_path("norm_modulate", x, shift, scale, weight) or x.numel() == 0:
         return norm_modulate_reference(x, shift, scale, norm=norm, weight=weight, eps=eps)
     return _norm_modulate_op(x, shift, scale, weight, norm == "rmsnorm", float(eps))

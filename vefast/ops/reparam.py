@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ._common import (check_finite_number, check_reduction, check_same_device, check_same_shape, check_tensor,
-                      draw_seed, interpret_mode, on_tensor_device, reduction_scale, use_triton)
+                      draw_seed, interpret_mode, on_tensor_device, reduction_scale, triton_path)
 
 __all__ = ["VEOutput", "KLOutput", "ve_loss", "kl_loss", "ve_loss_reference", "kl_loss_reference", "NOISE_Q"]
 
@@ -596,7 +596,7 @@ def _run(kind: int, mean: torch.Tensor | None, logvar: torch.Tensor | None, mome
     m, lv = _split(x, None if moments is not None else logvar)
     if noise is not None:
         check_same_shape(mean=m, noise=noise)
-    if use_triton(x):
+    if triton_path("ve_loss" if kind == _VE else "kl_loss", x, float64_in_kernel=True):
         seed = draw_seed(generator) if noise is None else None
         return torch.ops.vefast.reparam_fwd(x, None if moments is not None else lv, noise, seed, kind,
                                             float(lam_a), float(lam_b), float(tau), float(delta), reduction)

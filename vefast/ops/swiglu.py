@@ -18,8 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_tensor, on_tensor_device
-from .norm_modulate import fused_path
+from ._common import check_tensor, on_tensor_device, triton_path
 
 
 def swiglu_reference(x12: torch.Tensor) -> torch.Tensor:
@@ -133,6 +132,6 @@ def swiglu(x12: torch.Tensor) -> torch.Tensor:
     check_tensor("x12", x12)
     if x12.dim() < 1 or x12.shape[-1] % 2:
         raise ValueError(f"x12 must have an even last dimension (..., 2H), got shape {tuple(x12.shape)}")
-    if not fused_path("swiglu", x12) or x12.numel() == 0:
+    if not triton_path("swiglu", x12) or x12.numel() == 0:
         return swiglu_reference(x12)
     return _swiglu_op(x12)

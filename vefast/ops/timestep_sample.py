@@ -122,7 +122,7 @@ def timestep_sample(table: torch.Tensor, n: int, *, seed: torch.Tensor | None = 
     check_table(table)
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be an int >= 0, got {n!r}")
-    if _common.use_triton(table):
+    if _common.triton_path("timestep_sample", table, float64_in_kernel=True):
         if seed is None:
             seed = _common.draw_seed(generator)
         return _timestep_sample_op(table, seed, n)

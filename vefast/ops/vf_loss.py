@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from ._common import (check_finite_number, check_grid_axis, check_same_device, check_tensor, interpret_mode,
-                      on_tensor_device, report_once, use_triton)
+                      on_tensor_device, triton_path)
 
 EPS = 1e-8
 
@@ -303,10 +303,6 @@ def vf_loss(z: torch.Tensor, features: torch.Tensor, proj_weight: torch.Tensor, 
     knobs = {"margin_cos": margin_cos, "margin_dms": margin_dms, "weight_cos": weight_cos, "weight_dms": weight_dms}
     w = _check_vf_args(z, features, proj_weight, knobs)
     features = features.detach()
-    if not use_triton(z):
-        return vf_loss_reference(z, features, proj_weight, **knobs)
-    if torch.float64 in (z.dtype, features.dtype, proj_weight.dtype):
-        report_once("vf_loss_float64", "vf_loss: float64 inputs run the eager reference (the fused kernel "
-                                        "accumulates in fp32)")
+    if not triton_path("vf_loss", z, features, proj_weight):
         return vf_loss_reference(z, features, proj_weight, **knobs)
     return _vf_loss_fused(z, features, w, margin_cos, margin_dms, weight_cos, weight_dms)

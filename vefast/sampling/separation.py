@@ -101,7 +101,7 @@ def separation_function(x1: torch.Tensor, snr: torch.Tensor | Sequence[float] | 
     st = _sep.gram_stats(x, e)
     k = e.shape[0]
     r = r.to(x.device)
-    if work == torch.float32 and _common.use_triton(x):
+    if work == torch.float32 and _common.triton_path("separation_function", x):
         comp = _sep.separation_complement_triton(st, r)
     else:
         bar = None
