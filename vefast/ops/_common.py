@@ -1,8 +1,10 @@
 """Shared plumbing of the op files: dispatch between Triton and eager, argument checks, seeds.
 
-Dispatch rule (every op): a CUDA tensor runs the Triton kernels; a CPU tensor runs the eager
-reference, except under ``TRITON_INTERPRET=1`` where the Triton kernels run on CPU tensors (the
-CPU test lane). The environment is read at call time, never at import.
+Dispatch rule (every op, :func:`triton_path`): a CUDA tensor runs the Triton kernels; a CPU tensor
+runs the eager reference, except under ``TRITON_INTERPRET=1`` where the Triton kernels run on CPU
+tensors (the CPU test lane). Every eager fallback is reported once (:func:`report_once`). The
+environment is read at call time, never at import. Launchers run on their tensors' GPU
+(:func:`on_tensor_device`).
 """
 from __future__ import annotations
 
