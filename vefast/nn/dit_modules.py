@@ -231,9 +231,8 @@ class FusedDiTBlock(nn.Module):
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         h = norm_modulate(x, shift_msa, scale_msa, **_norm_call(self.norm1, self._specs[0]))
         a = self.attn(h, rope=feat_rope)
-        n2 = _norm_call(self.norm2, self._specs[1])
-        x, h = gated_residual(x, a, gate_msa,
-                              norm_modulate=NormModulateArgs(shift_mlp, scale_mlp, n2["norm"], n2["weight"], n2["eps"]))
+        x, h = gated_residual(x, a, gate_msa, norm_modulate=NormModulateArgs(
+            shift_mlp, scale_mlp, **_norm_call(self.norm2, self._specs[1])))
         return gated_residual(x, self.mlp(h), gate_mlp)
 
 

@@ -30,8 +30,9 @@ Choices: ``G``, ``P`` and ``D`` are formed in float64 (cheap, immune to TF32 set
 work runs in fp32 (Triton kernel, fp32 accumulation, ``tl.dot`` in IEEE fp32) or in the working dtype
 of the torch path (float64 for float64 inputs). The kernel contracts with ``D`` per row (O(M^2)); the
 torch path needs only sums over rows and takes the cheaper contraction: ``1/2 <D, W^T W>`` (one GEMM
-with an M x M output) when d >= M, the posterior means ``W X`` (O(M d) per row) when d < M. Per-program partial sums are reduced in float64 on the host:
-deterministic, no atomics. The Monte Carlo statistic is not differentiable: no autograd.
+with an M x M output) when d >= M, the posterior means ``W X`` (O(M d) per row) when d < M.
+Per-program partial sums are reduced in float64 on the host: deterministic, no atomics. The
+Monte Carlo statistic is not differentiable: no autograd.
 """
 from __future__ import annotations
 

@@ -634,7 +634,7 @@ def train(cfg: DiTConfig, *, latents: Path, out: Path, resume: bool = False, pro
 def sample_and_save(cfg: DiTConfig, model: nn.Module, ds, tokenizer: str, out: Path, step: int,
                     device: torch.device) -> dict[str, float]:
     """Sample ``sample.num_images`` class-conditional latents (classes 0, 1, ...), decode, write
-    ``out/samples/step-XXXXXXXX.png``; FID over ``sample.fid_images`` when configured."""
+    ``out/samples/step-{step:08d}.png``; FID over ``sample.fid_images`` when configured."""
     from .tokenizer import load_tokenizer
 
     sc = cfg.sample
