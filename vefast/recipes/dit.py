@@ -512,7 +512,7 @@ def train(cfg: DiTConfig, *, latents: Path, out: Path, resume: bool = False, pro
         repa_dim = ds.info.get("repa_feature_dim")
         if repa_dim is None:
             raise ConfigError("repa.weight > 0 needs DINOv2 features stored with the latents: "
-                              f"re-run `vefast extract-latents ... --repa-dinov2 NAME`")
+                              "re-run `vefast extract-latents ... --repa-dinov2 NAME`")
     dist_info = init_distributed(tc.device)
     device = dist_info.device
     if len(ds) < tc.batch_size * dist_info.world_size:
