@@ -1,24 +1,26 @@
-// Python bindings of vefast._C. This file owns PYBIND11_MODULE; each op's host file
-// (csrc/<op>.cpp) defines vefast::register_<op>(m), declared and called below.
-#include <torch/extension.h>
+// Operator library of the vefast CUDA extension (vefast/_C.abi3.so), loaded with torch.ops.load_library.
+//
+// No Python module init and no pybind11: the ops are registered with the dispatcher under the namespace
+// vefast_cuda (torch.ops.vefast_cuda.*), so the binary depends on libtorch only, not on the Python
+// version (the GPU machine runs 3.12, the CPU machine 3.11); it stays tied to the torch it was built
+// against. The namespace differs from vefast::, which the Python torch.library.custom_op ops own.
+//
+// This file owns TORCH_LIBRARY(vefast_cuda) and its op-independent entries; each op's host file
+// (csrc/<op>.cpp) adds its schemas with TORCH_LIBRARY_FRAGMENT(vefast_cuda) and its CUDA kernels with
+// TORCH_LIBRARY_IMPL(vefast_cuda, CUDA).
+#include <c10/util/Exception.h>
+#include <torch/library.h>
 
 #include <string>
+#include <tuple>
 
 #include "probe.cuh"
 #include "vefast_build_info.h"
 
-namespace vefast {
-// Op registrations, one line each: void register_<op>(pybind11::module_& m);
-void register_attention(pybind11::module_& m);
-}  // namespace vefast
-
 namespace {
-pybind11::dict build_info() {
-  pybind11::dict info;
-  info["torch_version"] = VEFAST_BUILD_TORCH_VERSION;
-  info["cuda_version"] = VEFAST_BUILD_CUDA_VERSION;
-  info["cuda_archs"] = VEFAST_BUILD_ARCHS;
-  return info;
+// (torch_version, cuda_version, cuda_archs) this binary was built with; vefast/_ext.py makes the dict.
+std::tuple<std::string, std::string, std::string> build_info() {
+  return {VEFAST_BUILD_TORCH_VERSION, VEFAST_BUILD_CUDA_VERSION, VEFAST_BUILD_ARCHS};
 }
 
 int64_t probe_arch(int64_t device) {
@@ -33,11 +35,9 @@ int64_t probe_arch(int64_t device) {
 }
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "vefast CUDA extension";
-  m.def("build_info", &build_info, "torch/CUDA versions and SM list this binary was built with");
-  m.def("probe_arch", &probe_arch, pybind11::arg("device"),
-        "Runs a one-thread kernel on `device` and returns the __CUDA_ARCH__ of the code that ran");
-  // Op registrations, one line each: vefast::register_<op>(m);
-  vefast::register_attention(m);
+// No tensor arguments: the kernels given with the schema are the catch-all (CompositeImplicitAutograd).
+TORCH_LIBRARY(vefast_cuda, m) {
+  m.def("build_info() -> (str torch_version, str cuda_version, str cuda_archs)", &build_info);
+  // Runs a one-thread kernel on `device` and returns the __CUDA_ARCH__ of the code that ran (e.g. 900).
+  m.def("probe_arch(int device) -> int", &probe_arch);
 }

@@ -1,4 +1,4 @@
-"""Per-token feature alignment loss: cosine + smooth-L1 (MATH.md §3b, ReaLS eq. 2) and REPA's loss (§3c).
+"""Per-token feature alignment loss: cosine + smooth-L1 (docs/math.md §3b, ReaLS eq. 2) and REPA's loss (§3c).
 
 For pred, target of shape (..., D) with R = prod(...) rows (tokens):
 
@@ -8,13 +8,13 @@ For pred, target of shape (..., D) with R = prod(...) rows (tokens):
     loss        = weight_cos * cos_loss + weight_smooth * smooth_loss   (defaults 0.9, 0.1, beta 1)
 
 with huber_beta(x) = 0.5 x^2 / beta for |x| < beta, |x| - 0.5 beta otherwise (``F.smooth_l1_loss``;
-beta = 0 is the L1 loss). REPA (§3c): ``repa_loss(pred, target) = -mean_r cos_r``, which equals
-``cos_loss - 1`` of the ``weight_cos=1, weight_smooth=0`` alignment loss.
+beta = 0 is the L1 loss). REPA (§3c): ``repa_loss(pred, target) = -mean_r cos_r``, accumulated as a
+sum of cosines (not as ``cos_loss - 1``, which cancels in fp32 when the loss is near 0).
 
 Choices:
 - Forward: one pass over (pred, target): per row the dot product, both squared norms and the
   Huber row sum, in fp32 registers whatever the input dtype. Each program writes its partial sums
-  of (1 - cos) and Huber into a (programs, 2) fp32 buffer, finished by one ``sum`` (deterministic),
+  of (1 - cos), Huber and cos into a (programs, 3) fp32 buffer, finished by one ``sum`` (deterministic),
   and keeps three fp32 numbers per row (cos, 1/||pred||, 1/||target||) for the backward.
 - Backward: one more pass reading (pred, target) and writing d pred (and d target when the target
   requires a gradient; usually it is a frozen DINOv2 feature and no gradient is computed).
@@ -47,19 +47,30 @@ class AlignOutput(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------
-# eager reference (MATH §3b; float64 in tests; also the CPU path)
+# eager reference (docs/math.md §3b; float64 in tests; also the CPU path)
 # --------------------------------------------------------------------------------------------
-def align_loss_reference(pred: torch.Tensor, target: torch.Tensor, *, weight_cos: float = 0.9,
-                         weight_smooth: float = 0.1, beta: float = 1.0, upcast: bool = True) -> AlignOutput:
-    """MATH §3b in eager PyTorch; ``upcast=True`` computes in fp32 (float64 for float64 inputs),
-    ``upcast=False`` in the inputs' promoted dtype (the benchmarks' "eager" variant)."""
+def _promoted(pred: torch.Tensor, target: torch.Tensor, upcast: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """pred, target in their promoted dtype, at least fp32 when ``upcast``."""
     dtype = torch.promote_types(pred.dtype, target.dtype)
     if upcast:
         dtype = torch.promote_types(dtype, torch.float32)
-    p, t = pred.to(dtype), target.to(dtype)
+    return pred.to(dtype), target.to(dtype)
+
+
+def _cosines_reference(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-row ``cos_r = p.t / (max(||p||, eps) max(||t||, eps))`` over the last dim, in fp32 or wider."""
+    p, t = _promoted(pred, target)
     pn = torch.linalg.vector_norm(p, dim=-1).clamp_min(EPS)
     tn = torch.linalg.vector_norm(t, dim=-1).clamp_min(EPS)
-    cos = (p * t).sum(-1) / (pn * tn)
+    return (p * t).sum(-1) / (pn * tn)
+
+
+def align_loss_reference(pred: torch.Tensor, target: torch.Tensor, *, weight_cos: float = 0.9,
+                         weight_smooth: float = 0.1, beta: float = 1.0, upcast: bool = True) -> AlignOutput:
+    """docs/math.md §3b in eager PyTorch; ``upcast=True`` computes in fp32 (float64 for float64 inputs),
+    ``upcast=False`` in the inputs' promoted dtype (the benchmarks' "eager" variant)."""
+    p, t = _promoted(pred, target, upcast)
+    cos = _cosines_reference(p, t)
     cos_loss = (1.0 - cos).mean()
     smooth_loss = F.smooth_l1_loss(p, t, beta=beta)
     return AlignOutput(weight_cos * cos_loss + weight_smooth * smooth_loss, cos_loss, smooth_loss)
@@ -98,8 +109,9 @@ def _align_fwd_kernel(p_ptr, t_ptr, stats_ptr, part_ptr, R, sp_r, sp_d, st_r, st
     tl.store(stats_ptr + rows64 * 3, cos, mask=mask_r)
     tl.store(stats_ptr + rows64 * 3 + 1, rp, mask=mask_r)
     tl.store(stats_ptr + rows64 * 3 + 2, rt, mask=mask_r)
-    tl.store(part_ptr + pid * 2, tl.sum(tl.where(mask_r, 1.0 - cos, 0.0), axis=0))
-    tl.store(part_ptr + pid * 2 + 1, tl.sum(hub, axis=0))
+    tl.store(part_ptr + pid * 3, tl.sum(tl.where(mask_r, 1.0 - cos, 0.0), axis=0))
+    tl.store(part_ptr + pid * 3 + 1, tl.sum(hub, axis=0))
+    tl.store(part_ptr + pid * 3 + 2, tl.sum(tl.where(mask_r, cos, 0.0), axis=0))
 
 
 @triton.jit
@@ -111,8 +123,9 @@ def _align_bwd_kernel(p_ptr, t_ptr, stats_ptr, gout_ptr, gp_ptr, gt_ptr, R, sp_r
     mask_r = rows < R
     rows64 = rows.to(tl.int64)
     cols = tl.arange(0, BLOCK_D).to(tl.int64)  # c * stride of a strided view may pass 2^31
-    # gradients of the two sums: d sum(1 - cos) / d cos_r = -1, d sum(huber) / d x_rd = huber'(x)
-    c_cos = -tl.load(gout_ptr)
+    # gradients of the three sums: d sum(1 - cos) / d cos_r = -1, d sum(huber) / d x_rd = huber'(x),
+    # d sum(cos) / d cos_r = 1
+    c_cos = tl.load(gout_ptr + 2) - tl.load(gout_ptr)
     c_sm = tl.load(gout_ptr + 1)
     cos = tl.load(stats_ptr + rows64 * 3, mask=mask_r, other=0.0)
     rp = tl.load(stats_ptr + rows64 * 3 + 1, mask=mask_r, other=0.0)
@@ -150,7 +163,7 @@ def _align_fwd_launch(p: torch.Tensor, t: torch.Tensor, beta: float) -> tuple[to
     block_r, block_d, warps = _blocks(d)
     grid = triton.cdiv(r, block_r)
     stats = torch.empty(r, 3, device=p.device, dtype=torch.float32)
-    part = torch.empty(grid, 2, device=p.device, dtype=torch.float32)
+    part = torch.empty(grid, 3, device=p.device, dtype=torch.float32)
     _align_fwd_kernel[(grid,)](p, t, stats, part, r, p.stride(0), p.stride(1), t.stride(0), t.stride(1),
                                float(beta), EPS, D=d, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
     return part.sum(0), stats
@@ -173,13 +186,13 @@ def _align_bwd_launch(p, t, stats, gout, beta, need_gt):
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("vefast::align_loss", mutates_args=())
 def _align_op(pred: torch.Tensor, target: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sums (2,) = [sum_r (1 - cos_r), sum huber], stats (R, 3)); pred / target are (R, D)."""
+    """(sums (3,) = [sum_r (1 - cos_r), sum huber, sum_r cos_r], stats (R, 3)); pred / target are (R, D)."""
     return _align_fwd_launch(pred, target, beta)
 
 
 @_align_op.register_fake
 def _(pred, target, beta):
-    return pred.new_empty((2,), dtype=torch.float32), pred.new_empty((pred.shape[0], 3), dtype=torch.float32)
+    return pred.new_empty((3,), dtype=torch.float32), pred.new_empty((pred.shape[0], 3), dtype=torch.float32)
 
 
 @torch.library.custom_op("vefast::align_loss_backward", mutates_args=())
@@ -226,7 +239,7 @@ def _check_align_args(pred, target, knobs) -> None:
 
 def align_loss(pred: torch.Tensor, target: torch.Tensor, *, weight_cos: float = 0.9, weight_smooth: float = 0.1,
                beta: float = 1.0) -> AlignOutput:
-    """ReaLS alignment loss (MATH §3b, ReaLS eq. 2) over the last dim, any leading shape.
+    """ReaLS alignment loss (docs/math.md §3b, ReaLS eq. 2) over the last dim, any leading shape.
 
     ``loss = weight_cos * mean(1 - cos) + weight_smooth * smooth_l1(pred, target, beta)``; cos per
     row (token) over the last dim, smooth-L1 averaged over every element.
@@ -243,9 +256,15 @@ def align_loss(pred: torch.Tensor, target: torch.Tensor, *, weight_cos: float = 
 
 
 def repa_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """REPA's projection loss (MATH §3c): ``-mean_r cos(pred_r, target_r)`` over the last dim.
+    """REPA's projection loss (docs/math.md §3c): ``-mean_r cos(pred_r, target_r)`` over the last dim.
 
-    Equals ``align_loss(pred, target, weight_cos=1, weight_smooth=0).cos_loss - 1``; REPA weights it
-    by 0.5 (``proj_coeff``) in the DiT loss.
+    Mathematically ``align_loss(pred, target, weight_cos=1, weight_smooth=0).cos_loss - 1``, but the
+    cosines are summed directly (fp32; float64 for float64 inputs), so a loss near 0 keeps its relative
+    accuracy. REPA weights it by 0.5 (``proj_coeff``) in the DiT loss.
     """
-    return align_loss(pred, target, weight_cos=1.0, weight_smooth=0.0).cos_loss - 1.0
+    _check_align_args(pred, target, {})
+    if not triton_path("repa_loss", pred, target):
+        return -_cosines_reference(pred, target).mean()
+    d = pred.shape[-1]
+    sums, _ = _align_op(pred.reshape(-1, d), target.reshape(-1, d), 1.0)
+    return -sums[2] / (pred.numel() // d)

@@ -1,4 +1,4 @@
-"""Fused adaLN modulation of a normalized activation (MATH.md §7; DiT eq. "adaLN-Zero").
+"""Fused adaLN modulation of a normalized activation (docs/math.md §7; DiT eq. "adaLN-Zero").
 
     out[b, n, :] = norm(x[b, n, :]) * weight * (1 + scale[b, :]) + shift[b, :]
 
@@ -15,7 +15,9 @@ Choices:
   deterministically: each program writes fp32 partial sums over its chunk of tokens into a
   (B, chunks, D) buffer, and one ``sum`` over the chunk axis finishes them (no float atomics).
   With P[b] = sum_n dout * xhat:  dscale = P * weight, dshift = sum_n dout,
-  dweight = sum_b (1 + scale[b]) * P[b].
+  dweight = sum_b (1 + scale[b]) * P[b]. Only the partial rows stay in registers across a program's tiles:
+  scale and weight are re-read per tile (cache hits; held, fp32 rows of 4096 / 8192 spilled on sm_80:
+  codegen gate, docs/speed_checks.md).
 - The output dtype is the promotion of the input dtypes, as in eager PyTorch. float64 inputs run
   the eager reference (the kernels compute in fp32).
 - Strides of x, shift, scale and of the incoming gradient are passed to the kernels (shift/scale
@@ -24,7 +26,6 @@ Choices:
 from __future__ import annotations
 
 from functools import reduce
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,19 +34,9 @@ import triton.language as tl
 
 from ._common import (check_finite_number, check_grid_axis, check_same_device, check_tensor, on_tensor_device,
                       triton_path)
+from ._rownorm import _load_modulation, _norm_modulate_tile_bwd, _normalize, _row_tile
 
 NORMS = ("layernorm", "rmsnorm")
-
-
-class NormModulateArgs(NamedTuple):
-    """The arguments of :func:`norm_modulate` after ``x``; a plain tuple ``(shift, scale)`` or
-    ``(shift, scale, norm, weight, eps)`` is accepted wherever this is."""
-
-    shift: torch.Tensor | None
-    scale: torch.Tensor
-    norm: str = "layernorm"
-    weight: torch.Tensor | None = None
-    eps: float = 1e-6
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,62 +66,8 @@ def norm_modulate_reference(x: torch.Tensor, shift: torch.Tensor | None, scale: 
 
 
 # --------------------------------------------------------------------------------------------
-# Triton kernels
+# Triton kernels (their row helpers: vefast.ops._rownorm)
 # --------------------------------------------------------------------------------------------
-@triton.jit
-def _normalize(x, cmask, D, eps, IS_RMS: tl.constexpr):
-    """Rows of fp32 ``x`` [BLOCK_N, BLOCK_D] (zero where ``cmask`` is off) -> (xhat, rstd)."""
-    if IS_RMS:
-        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
-        xhat = x * rstd[:, None]
-    else:
-        mean = tl.sum(x, axis=1) / D
-        xc = tl.where(cmask[None, :], x - mean[:, None], 0.0)
-        rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / D + eps)
-        xhat = xc * rstd[:, None]
-    return xhat, rstd
-
-
-@triton.jit
-def _normalize_bwd(g, xhat, rstd, D, IS_RMS: tl.constexpr):
-    """Gradient through the normalization: ``g`` = dL/dxhat (zero where masked) -> dL/dx."""
-    c2 = tl.sum(g * xhat, axis=1) / D
-    if IS_RMS:
-        dx = (g - xhat * c2[:, None]) * rstd[:, None]
-    else:
-        c1 = tl.sum(g, axis=1) / D
-        dx = (g - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
-    return dx
-
-
-@triton.jit
-def _load_modulation(SHIFT, SCALE, W, b, cols, cmask, s_shb, s_shd, s_scb, s_scd, s_w,
-                     HAS_SHIFT: tl.constexpr, HAS_W: tl.constexpr):
-    """fp32 vectors (shift, 1 + scale, weight) of sample ``b`` over ``cols``."""
-    scale1 = 1.0 + tl.load(SCALE + b * s_scb + cols * s_scd, mask=cmask, other=0.0).to(tl.float32)
-    if HAS_SHIFT:
-        shift = tl.load(SHIFT + b * s_shb + cols * s_shd, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        shift = tl.zeros_like(scale1)
-    if HAS_W:
-        w = tl.load(W + cols * s_w, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        w = tl.full(scale1.shape, 1.0, tl.float32)
-    return shift, scale1, w
-
-
-@triton.jit
-def _row_tile(X, N, D, s_xb, s_xn, s_xd, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (row tile, batch item b): b, the tile's rows and columns, masks, and x[b, rows, :] in fp32."""
-    b = tl.program_id(1).to(tl.int64)
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # offsets of strided views
-    cols = tl.arange(0, BLOCK_D).to(tl.int64)
-    cmask = cols < D
-    mask = (rows < N)[:, None] & cmask[None, :]
-    x = tl.load(X + b * s_xb + rows[:, None] * s_xn + cols[None, :] * s_xd, mask=mask, other=0.0).to(tl.float32)
-    return b, rows, cols, cmask, mask, x
-
-
 @triton.jit
 def _nm_fwd_kernel(X, SHIFT, SCALE, W, OUT, N, D, eps,
                    s_xb, s_xn, s_xd, s_shb, s_shd, s_scb, s_scd, s_w, s_ob, s_on,
@@ -153,8 +90,6 @@ def _nm_bwd_kernel(DOUT, X, SCALE, W, DX, PART_P, PART_Q, N, D, eps, tiles_per_p
     b = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     cmask = cols < D
-    _, scale1, w = _load_modulation(SCALE, SCALE, W, b, cols, cmask, 0, 0, s_scb, s_scd, s_w, False, HAS_W)
-    ws = (w * scale1)[None, :]
     acc_p = tl.zeros([BLOCK_D], dtype=tl.float32)
     acc_q = tl.zeros([BLOCK_D], dtype=tl.float32)
     t = 0
@@ -162,11 +97,10 @@ def _nm_bwd_kernel(DOUT, X, SCALE, W, DX, PART_P, PART_Q, N, D, eps, tiles_per_p
         rows = ((pid * tiles_per_prog + t) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         mask = (rows < N)[:, None] & cmask[None, :]
         x = tl.load(X + b * s_xb + rows[:, None] * s_xn + cols[None, :] * s_xd, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(DOUT + b * s_gb + rows[:, None] * s_gn + cols[None, :] * s_gd, mask=mask, other=0.0).to(tl.float32)
         xhat, rstd = _normalize(x, cmask, D, eps, IS_RMS)
-        acc_p += tl.sum(g * xhat, axis=0)
-        acc_q += tl.sum(g, axis=0)
-        dx = _normalize_bwd(g * ws, xhat, rstd, D, IS_RMS)
+        g = tl.load(DOUT + b * s_gb + rows[:, None] * s_gn + cols[None, :] * s_gd, mask=mask, other=0.0).to(tl.float32)
+        dx, acc_p, acc_q = _norm_modulate_tile_bwd(g, xhat, rstd, SCALE, W, b, cols, cmask, D, acc_p, acc_q,
+                                                   s_scb, s_scd, s_w, IS_RMS, HAS_W)
         tl.store(DX + b * s_dxb + rows[:, None] * s_dxn + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         t += 1
     part = (b * n_chunks + pid) * D + cols
@@ -291,7 +225,7 @@ _norm_modulate_op.register_autograd(_nm_backward, setup_context=_nm_setup_contex
 # --------------------------------------------------------------------------------------------
 def check_norm_modulate_args(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor, norm: str,
                              weight: torch.Tensor | None, eps: float) -> None:
-    """Argument checks shared with :func:`vefast.gated_residual` (x: (B, N, D))."""
+    """Argument checks shared with :func:`vefast.gated_residual_norm_modulate` (x: (B, N, D))."""
     check_tensor("x", x)
     check_tensor("scale", scale)
     if shift is not None:
@@ -315,7 +249,7 @@ def check_norm_modulate_args(x: torch.Tensor, shift: torch.Tensor | None, scale:
 
 def norm_modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor, *, norm: str = "layernorm",
                   weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
-    """``norm(x) * weight * (1 + scale) + shift`` over the last axis (MATH.md §7, DiT's adaLN modulate).
+    """``norm(x) * weight * (1 + scale) + shift`` over the last axis (docs/math.md §7, DiT's adaLN modulate).
 
     x: (B, N, D); shift (or None), scale: (B, D) broadcast over tokens; norm: "layernorm"
     (non-affine, DiT / SiT) or "rmsnorm" (LightningDiT); weight: optional (D,) norm weight.

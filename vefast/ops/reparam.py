@@ -1,4 +1,4 @@
-"""Fused reparameterization losses: VE loss (seed 001, eqs. 9-11) and the KL baseline (MATH.md §1-2).
+"""Fused reparameterization losses: VE loss ([VE], eqs. 9-11) and the KL baseline (docs/math.md §1-2).
 
 Given ``mean`` and ``logvar`` (LDM / VA-VAE convention: the two halves of the encoder's ``moments``
 along dim 1), one forward pass over the data computes
@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from ._common import (check_finite_number, check_reduction, check_same_device, check_same_shape, check_tensor,
-                      draw_seed, interpret_mode, on_tensor_device, reduction_scale, triton_path)
+                      draw_seed, host_item, interpret_mode, on_tensor_device, reduction_scale, triton_path)
 
 __all__ = ["VEOutput", "KLOutput", "ve_loss", "kl_loss", "ve_loss_reference", "kl_loss_reference", "NOISE_Q"]
 
@@ -93,7 +93,7 @@ def _reference_common(mean, logvar, noise):
 def ve_loss_reference(mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor, *, lambda_var: float = 0.1,
                       lambda_reg: float = 1e-6, tau: float = 1.0, delta: float = 1e-6,
                       reduction: str = "mean") -> VEOutput:
-    """Eager VE loss (MATH.md §2, seed 001 eqs. 9-11) with the given ``noise``; float32 math for
+    """Eager VE loss (docs/math.md §2, [VE] eqs. 9-11) with the given ``noise``; float32 math for
     half inputs, float64 for float64. Differentiable by autograd w.r.t. mean and logvar."""
     _, _, var, z = _reference_common(mean, logvar, noise)
     var_loss = _reduce(1.0 / (var + delta), reduction)
@@ -103,7 +103,7 @@ def ve_loss_reference(mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Ten
 
 def kl_loss_reference(mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor, *,
                       reduction: str = "mean") -> KLOutput:
-    """Eager KL(N(mean, var) || N(0, I)) = R(0.5 (mean^2 + var - 1 - logvar)) (MATH.md §2) and z."""
+    """Eager KL(N(mean, var) || N(0, I)) = R(0.5 (mean^2 + var - 1 - logvar)) (docs/math.md §2) and z."""
     m, lv, var, z = _reference_common(mean, logvar, noise)
     return KLOutput(z.to(mean.dtype), _reduce(0.5 * (m * m + var - 1.0 - lv), reduction))
 
@@ -138,6 +138,18 @@ def _out(x, ptr, RND_BF16: tl.constexpr):
         return u.to(tl.float32, bitcast=True).to(ptr.dtype.element_ty)
     else:
         return x.to(ptr.dtype.element_ty)
+
+
+@triton.jit
+def _recip(x):
+    """1 / x. float64: the fp32 reciprocal refined by two Newton steps (within an ulp; x = var + delta is
+    in fp32 range): the IEEE float64 division's slow path is a subroutine call across which ptxas spills."""
+    if x.dtype == tl.float64:
+        r = (1.0 / x.to(tl.float32)).to(tl.float64)
+        r = tl.fma(r, tl.fma(-x, r, 1.0), r)
+        return tl.fma(r, tl.fma(-x, r, 1.0), r)
+    else:
+        return 1.0 / x
 
 
 @triton.jit
@@ -270,8 +282,8 @@ def _bwd_lane(loc, eps_rng, base, c_a, c_b, dz_scalar, mean_ptr, logvar_ptr, noi
         sgn = tl.where(z > 0, 1.0, tl.where(z < 0, -1.0, 0.0)).to(CDT)
         gz = gz + c_b * sgn * tl.exp(tl.abs(z) - tau)
         dm = gz
-        vd = var + delta
-        dlv = gz * (0.5 * std * eps) - c_a * var / (vd * vd)
+        inv = _recip(var + delta)
+        dlv = gz * (0.5 * std * eps) - c_a * var * (inv * inv)
     else:
         dm = gz + c_a * m
         dlv = gz * (0.5 * std * eps) + c_a * 0.5 * (var - 1.0)
@@ -326,7 +338,6 @@ def _reparam_bwd_kernel(mean_ptr, logvar_ptr, noise_ptr, dz_ptr, gl_ptr, ga_ptr,
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-_SM_COUNT: dict[int, int] = {}
 _FIN_BLOCK = 1024
 
 
@@ -358,19 +369,17 @@ def _readable(t: torch.Tensor, M: int) -> tuple[torch.Tensor, int]:
     return t, sb
 
 
-def _tiling(N: int, device: torch.device) -> tuple[int, int, int]:
-    """(GROUPS, num_warps, programs). GROUPS changes the tile, never the noise."""
+def _tiling(N: int, device: torch.device, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(GROUPS, num_warps, programs). GROUPS changes the tile, never the noise. num_warps = 4 GROUPS keeps
+    2 elements per thread and lane at every GROUPS: 4 warps at GROUPS = 4 spilled (codegen gate,
+    docs/speed_checks.md), and so did float64 at GROUPS = 4 (float64 tiles stay at one group)."""
     groups_of_4q = triton.cdiv(N, 4 * NOISE_Q)
-    if device.type == "cuda":
+    groups = 1
+    if not interpret_mode() and dtype != torch.float64:  # compiled kernels (CUDA tensors: triton_path admitted them)
         idx = device.index if device.index is not None else torch.cuda.current_device()
-        if idx not in _SM_COUNT:
-            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-        sms = _SM_COUNT[idx]
+        sms = torch.cuda.get_device_properties(idx).multi_processor_count  # cached by torch
         groups = 4 if groups_of_4q >= 8 * sms else (2 if groups_of_4q >= 4 * sms else 1)
-        warps = 4
-    else:
-        groups, warps = 1, 4
-    return groups, warps, triton.cdiv(groups_of_4q, groups)
+    return groups, 4 * groups, triton.cdiv(groups_of_4q, groups)
 
 
 def _geometry(mean: torch.Tensor) -> tuple[int, int, int]:
@@ -420,13 +429,13 @@ def _prepare(x, logvar, noise):
 @on_tensor_device
 def _fwd_launch(x, logvar, noise, seed, kind, lam_a, lam_b, tau, delta, reduction):
     mean, lv, noise, has_noise, (N, B, M), (sb_m, sb_l, sb_n) = _prepare(x, logvar, noise)
-    groups, warps, P = _tiling(N, mean.device)
+    groups, warps, P = _tiling(N, mean.device, mean.dtype)
     tile = groups * 4 * NOISE_Q
     strides = [sb_m, sb_l, sb_n]
     ldt = _loss_dtype(mean.dtype)
     z = torch.empty(mean.shape, dtype=mean.dtype, device=mean.device)
     part = torch.empty((P, 2), dtype=ldt, device=mean.device)
-    seed_v = int(seed.item()) if seed is not None else 0
+    seed_v = int(host_item(seed)) if seed is not None else 0
     cdt = _tl_dtype(mean.dtype)
     _reparam_fwd_kernel[(P,)](
         mean, lv, noise, z, part, seed_v, N, M, sb_m, sb_l, sb_n, float(tau), float(delta),
@@ -471,14 +480,14 @@ def _bwd_launch(x, logvar, noise, seed, dz, g_loss, g_a, g_b, kind, lam_a, lam_b
         if not need_logvar:
             dlv = lv
     if write_m or write_l:
-        groups, warps, P = _tiling(N, mean.device)
+        groups, warps, P = _tiling(N, mean.device, mean.dtype)
         tile = groups * 4 * NOISE_Q
         strides = [sb_m, sb_l, sb_n, sb_dz, sb_dm, sb_dl]
         scale = reduction_scale(N, B, reduction)
         dummy = mean
         _reparam_bwd_kernel[(P,)](
             mean, lv, noise, dz, g_loss if g_loss is not None else dummy, g_a if g_a is not None else dummy,
-            g_b if g_b is not None else dummy, dmean, dlv, int(seed.item()) if seed is not None else 0,
+            g_b if g_b is not None else dummy, dmean, dlv, int(host_item(seed)) if seed is not None else 0,
             N, M, sb_m, sb_l, sb_n, sb_dz, sb_dm, sb_dl, scale, float(lam_a), float(lam_b), float(tau), float(delta),
             KIND=kind, HAS_NOISE=has_noise, DZ_MODE=dz_mode, HAS_GL=g_loss is not None, HAS_GA=g_a is not None,
             HAS_GB=g_b is not None, WRITE_DMEAN=write_m, WRITE_DLOGVAR=write_l,
@@ -609,8 +618,8 @@ def _run(kind: int, mean: torch.Tensor | None, logvar: torch.Tensor | None, mome
 
 
 def _check_ve_numbers(lambda_var, lambda_reg, tau, delta) -> None:
-    check_finite_number("lambda_var", lambda_var)
-    check_finite_number("lambda_reg", lambda_reg)
+    check_finite_number("lambda_var", lambda_var, min_value=0.0)  # a negative weight would reward collapse
+    check_finite_number("lambda_reg", lambda_reg, min_value=0.0)
     check_finite_number("tau", tau)
     check_finite_number("delta", delta, min_value=0.0)
 
@@ -618,7 +627,7 @@ def _check_ve_numbers(lambda_var, lambda_reg, tau, delta) -> None:
 def ve_loss(mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor | None = None, *,
             lambda_var: float = 0.1, lambda_reg: float = 1e-6, tau: float = 1.0, delta: float = 1e-6,
             reduction: str = "mean", generator: torch.Generator | None = None) -> VEOutput:
-    """Fused reparameterization + Variance Expansion loss (seed 001, eqs. 9-11; MATH.md §1-2).
+    """Fused reparameterization + Variance Expansion loss ([VE], eqs. 9-11; docs/math.md §1-2).
 
     ``z = mean + exp(0.5 clamp(logvar, -30, 20)) * eps``;
     ``loss = lambda_var R(1 / (var + delta)) + lambda_reg R(exp(|z| - tau))``, R = ``reduction``
@@ -638,7 +647,7 @@ def kl_loss(mean: torch.Tensor, logvar: torch.Tensor, noise: torch.Tensor | None
             reduction: str = "mean", generator: torch.Generator | None = None) -> KLOutput:
     """Fused reparameterization + KL(N(mean, var) || N(0, I)) = R(0.5 (mean^2 + var - 1 - logvar)).
 
-    Same conventions as :func:`ve_loss` (MATH.md §1-2). ``reduction="sum"`` equals LDM's
+    Same conventions as :func:`ve_loss` (docs/math.md §1-2). ``reduction="sum"`` equals LDM's
     ``posterior.kl().sum() / B``. Returns ``KLOutput(z, loss)``.
     """
     _check_args(mean, logvar, noise, generator, reduction)

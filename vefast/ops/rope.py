@@ -11,15 +11,15 @@ LightningDiT (hustvl/LightningDiT, ``models/rope.py``) builds its rotary tables 
   the row index and the second half with the column index,
 - ``cos`` / ``sin`` of those angles are the (grid*grid, head_dim) float32 buffers.
 
-Application (``rotate_half`` on interleaved pairs, MATH.md §7):
+Application (``rotate_half`` on interleaved pairs, docs/math.md §7):
 ``out[2i] = x[2i] cos[2i] - x[2i+1] sin[2i]``, ``out[2i+1] = x[2i+1] cos[2i+1] + x[2i] sin[2i+1]``,
 i.e. ``out = x * cos + rotate_half(x) * sin`` with ``rotate_half(x)[2i] = -x[2i+1]``,
 ``rotate_half(x)[2i+1] = x[2i]``.
 
 Choice: :func:`apply_rope` computes in float32 (float64 for float64 inputs) and returns ``x``'s dtype,
 which is what LightningDiT's attention ends with (its rope promotes a bf16 ``q`` to float32 through the
-float32 tables, then ``q.to(v.dtype)`` before SDPA). The fused attention kernel applies the same formula
-in its prologue (``vefast.ops.attention``).
+float32 tables, then ``q.to(v.dtype)`` before SDPA). The fused q/k prologue (:mod:`vefast.ops.qk_prologue`,
+Triton) and the CUDA attention kernel apply the same formula.
 """
 from __future__ import annotations
 
@@ -28,27 +28,42 @@ import torch
 __all__ = ["rope_2d_freqs", "apply_rope", "rotate_half"]
 
 
-def rope_2d_freqs(head_dim: int, grid: int, *, theta: float = 10000.0,
+def _check_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+def rope_2d_freqs(head_dim: int, grid: int | tuple[int, int], *, theta: float = 10000.0,
                   device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each (grid*grid, head_dim) float32: LightningDiT's
-    ``VisionRotaryEmbeddingFast(dim=head_dim // 2, pt_seq_len=grid)`` buffers ``freqs_cos``/``freqs_sin``."""
-    for name, value in (("head_dim", head_dim), ("grid", grid)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if head_dim <= 0 or head_dim % 4 != 0:
+    """(cos, sin), each (rows*cols, head_dim) float32. ``grid`` = n (a square n x n token map: LightningDiT's
+    ``VisionRotaryEmbeddingFast(dim=head_dim // 2, pt_seq_len=n)`` buffers ``freqs_cos``/``freqs_sin``) or
+    (rows, cols) for a non-square map (token ``i * cols + j``, the same per-axis angles)."""
+    _check_int("head_dim", head_dim)
+    if head_dim % 4 != 0:
         raise ValueError(f"head_dim must be a positive multiple of 4 (two axes of rotated pairs), got {head_dim}")
-    if grid <= 0:
-        raise ValueError(f"grid must be positive, got {grid}")
+    if isinstance(grid, tuple):
+        if len(grid) != 2:
+            raise ValueError(f"grid must be an int or a (rows, cols) pair, got {grid!r}")
+        n_rows, n_cols = grid
+    else:
+        n_rows = n_cols = grid
+    _check_int("grid", n_rows)
+    _check_int("grid", n_cols)
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0 or theta == float("inf"):
         raise ValueError(f"theta must be a finite positive number, got {theta!r}")
     dim = head_dim // 2
     # Same float32 operations, in the same order, as VisionRotaryEmbeddingFast.__init__.
     freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
-    t = torch.arange(grid) / grid * grid
-    angles = (t[:, None] * freqs[None, :]).repeat_interleave(2, dim=-1)  # (grid, dim), pairs interleaved
-    rows = angles[:, None, :].expand(grid, grid, dim)  # angle of the row index i
-    cols = angles[None, :, :].expand(grid, grid, dim)  # angle of the column index j
-    full = torch.cat([rows, cols], dim=-1).reshape(grid * grid, head_dim)
+
+    def axis(n: int) -> torch.Tensor:  # (n, dim): angles of positions 0..n-1, pairs interleaved
+        t = torch.arange(n) / n * n
+        return (t[:, None] * freqs[None, :]).repeat_interleave(2, dim=-1)
+
+    rows = axis(n_rows)[:, None, :].expand(n_rows, n_cols, dim)  # angle of the row index i
+    cols = axis(n_cols)[None, :, :].expand(n_rows, n_cols, dim)  # angle of the column index j
+    full = torch.cat([rows, cols], dim=-1).reshape(n_rows * n_cols, head_dim)
     return full.cos().to(device), full.sin().to(device)
 
 

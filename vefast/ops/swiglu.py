@@ -1,4 +1,4 @@
-"""SwiGLU on the fused ``w12`` projection output (MATH.md §7; LightningDiT's ``SwiGLUFFN``).
+"""SwiGLU on the fused ``w12`` projection output (docs/math.md §7; LightningDiT's ``SwiGLUFFN``).
 
     x1, x2 = x12.chunk(2, dim=-1)          (first half gates, second half is the value)
     out    = silu(x1) * x2 = x1 * sigmoid(x1) * x2

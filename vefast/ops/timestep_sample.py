@@ -1,4 +1,4 @@
-"""Fused inverse-CDF timestep sampler (seed 004 §3.3 step (3)-(4); MATH.md §6).
+"""Fused inverse-CDF timestep sampler ([VR] §3.3 step (3)-(4); docs/math.md §6).
 
 ``t = F^-1(u)``, ``u ~ U(0, 1)``, with ``F^-1`` given as a table on a uniform u-grid:
 ``table[m] = F^-1(m / U)`` for m = 0..U (U a power of two), and linear interpolation between
@@ -34,7 +34,8 @@ def uniforms_reference(n: int, *, device: torch.device | str = "cpu",
     """``u = (b + 0.5) 2^-23`` with 23-bit ``b`` from ``generator``: float32 in [2^-24, 1 - 2^-24]."""
     gen_device = generator.device if generator is not None else torch.device("cpu")
     b = torch.randint(0, 2**U_BITS, (n,), generator=generator, device=gen_device)
-    return ((b.to(torch.float32) + 0.5) * 2.0**-U_BITS).to(device)
+    u = (b.to(torch.float32) + 0.5) * 2.0**-U_BITS
+    return u.to(device, non_blocking=u.device.type == "cpu")  # a host->device copy without a stream sync
 
 
 def timestep_sample_reference(table: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -72,7 +73,9 @@ def _sample_kernel(table_ptr, u_ptr, out_ptr, n, seed, U: tl.constexpr, BLOCK: t
             u = tl.load(u_ptr + idx, mask=idx < n, other=0.5)
             _lookup_store(table_ptr, out_ptr, u, idx, n, U)
     else:
-        r0, r1, r2, r3 = tl.randint4x(seed, pid * BLOCK + offs)
+        # uint32 counters: Triton <= 3.2 runs a 64-bit Philox on int64 offsets (64-bit draws, whose >> 9 is no
+        # 23-bit value); 32-bit counters give the same 32-bit stream on every Triton (n < 2^34 samples).
+        r0, r1, r2, r3 = tl.randint4x(seed, (pid * BLOCK + offs).to(tl.uint32))
         scale = 1.0 / 8388608.0  # 2^-23
         _lookup_store(table_ptr, out_ptr, ((r0 >> 9).to(tl.float32) + 0.5) * scale, base, n, U)
         _lookup_store(table_ptr, out_ptr, ((r1 >> 9).to(tl.float32) + 0.5) * scale, base + BLOCK, n, U)
@@ -93,8 +96,9 @@ def _launch_sample(table: torch.Tensor, n: int, seed: int, u: torch.Tensor | Non
 
 @torch.library.custom_op("vefast::timestep_sample", mutates_args=())
 def _timestep_sample_op(table: torch.Tensor, seed: torch.Tensor, n: int) -> torch.Tensor:
-    """n timesteps from the inverse-CDF ``table`` (float32, U + 1 entries), Philox stream ``seed``."""
-    return _launch_sample(table.contiguous(), n, int(seed.item()))
+    """n timesteps from the inverse-CDF ``table`` (float32, U + 1 entries), Philox stream ``seed``
+    (a CPU tensor: reading it does not wait for the GPU)."""
+    return _launch_sample(table.contiguous(), n, int(_common.host_item(seed)))
 
 
 @_timestep_sample_op.register_fake
@@ -110,23 +114,35 @@ def check_table(table: torch.Tensor) -> None:
         raise ValueError(f"table must be 1-D with 2^k + 1 entries (k >= 1), got shape {tuple(table.shape)}")
 
 
+def check_seed(seed: torch.Tensor) -> None:
+    """Raise unless ``seed`` is a 0-dim integer CPU tensor (as :func:`vefast.ops._common.draw_seed` returns):
+    the op reads it on the host, so a device tensor would stall the GPU queue."""
+    if not isinstance(seed, torch.Tensor) or seed.dim() != 0 or seed.is_floating_point() or seed.is_complex() \
+            or seed.dtype == torch.bool:
+        raise TypeError(f"seed must be a 0-dim integer tensor, got {seed!r}")
+    if seed.device.type != "cpu":
+        raise ValueError(f"seed must be a CPU tensor (it is read on the host), got one on {seed.device}")
+
+
 def timestep_sample(table: torch.Tensor, n: int, *, seed: torch.Tensor | None = None,
                     generator: torch.Generator | None = None) -> torch.Tensor:
     """n float32 timesteps ``t = F^-1(u)`` in (0, 1) from an inverse-CDF table (module docstring).
 
     ``table``: float32 (2^k + 1,), ``table[m] = F^-1(m / 2^k)``, on the device the samples go to.
     CUDA (or TRITON_INTERPRET=1): the fused Triton kernel, Philox stream from ``seed`` (a 0-dim int64
-    tensor) or from ``generator`` via ``draw_seed``. CPU: uniforms from ``generator`` and the eager
-    lookup. Same seed or generator state -> same samples.
+    CPU tensor) or from ``generator`` via ``draw_seed`` (host-side, no device sync). CPU: uniforms from
+    ``generator`` and the eager lookup. Same seed or generator state -> same samples.
     """
     check_table(table)
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"n must be an int >= 0, got {n!r}")
+    if seed is not None:
+        check_seed(seed)
     if _common.triton_path("timestep_sample", table, float64_in_kernel=True):
         if seed is None:
             seed = _common.draw_seed(generator)
         return _timestep_sample_op(table, seed, n)
     if generator is None and seed is not None:
-        generator = torch.Generator().manual_seed(int(seed.item()))
+        generator = torch.Generator().manual_seed(int(_common.host_item(seed)))
     u = uniforms_reference(n, device=table.device, generator=generator)
     return timestep_sample_reference(table, u)
