@@ -1,4 +1,4 @@
-"""Timestep sampling for flow-matching training (MATH.md §4-6; seed 004): paths, the separation
+"""Timestep sampling for flow-matching training (docs/math.md §4-6; [VR]): paths, the separation
 function, the VR-sampling density and sampler, logit-normal and uniform samplers."""
 from .paths import PATHS, Path, path
 from .samplers import LogitNormalSampler, TimestepSampler, UniformSampler

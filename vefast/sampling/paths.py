@@ -1,6 +1,6 @@
-"""Flow-matching paths (seed 004, Table 1; SiT's transport/path.py; MATH.md §4).
+"""Flow-matching paths ([VR], Table 1; SiT's transport/path.py; docs/math.md §4).
 
-Time convention: t = 0 is noise, t = 1 is data, ``x_t = alpha_t x1 + sigma_t eps`` (MATH writes
+Time convention: t = 0 is noise, t = 1 is data, ``x_t = alpha_t x1 + sigma_t eps`` (docs/math.md writes
 a_t, m_t). ``h_t = alpha'_t - alpha_t sigma'_t / sigma_t`` and the SNR ``r_t = alpha_t / sigma_t``.
 For codebases where t = 1 is noise (diffusers, some SiT variants) evaluate at ``1 - t``.
 
@@ -20,20 +20,30 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from ..ops._common import host_item
+
 PATHS = ("linear", "cosine", "vp")
 VP_BETA_MIN = 0.1
 VP_BETA_MAX = 20.0
 
 
 def _as_t(t: torch.Tensor | float, name: str = "t") -> torch.Tensor:
+    """``t`` as a floating tensor. Values are checked where that is free: a number, or a CPU tensor
+    (one host-side reduction). Device (CUDA) tensors are not value-checked: reading a verdict back
+    would stall the GPU queue on every training step (a device-side ``torch._assert_async`` would not
+    stall, but a failure kills the CUDA context with an opaque error, and it costs kernels per call).
+    The samplers' t lie in (0, 1) by construction; t outside [0, 1] gives meaningless coefficients."""
     if isinstance(t, bool) or not isinstance(t, (torch.Tensor, int, float)):
         raise TypeError(f"{name} must be a tensor or a real number, got {type(t).__name__}")
+    if not isinstance(t, torch.Tensor) and not 0.0 <= t <= 1.0:  # NaN fails both comparisons
+        raise ValueError(f"{name} must lie in [0, 1] (t = 0 noise, t = 1 data), got {t}")
     t = torch.as_tensor(t)
     if not t.is_floating_point():
         t = t.to(torch.get_default_dtype())
-    if t.numel() and (not bool(torch.isfinite(t).all()) or bool((t < 0).any()) or bool((t > 1).any())):
-        bad = t[~(torch.isfinite(t) & (t >= 0) & (t <= 1))].flatten()[0].item()
-        raise ValueError(f"{name} must lie in [0, 1] (t = 0 noise, t = 1 data), got {bad}")
+    if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling():
+        inside = (t >= 0) & (t <= 1)  # NaN compares False
+        if not host_item(inside.all()):
+            raise ValueError(f"{name} must lie in [0, 1] (t = 0 noise, t = 1 data), got {t[~inside].flatten()[0].item()}")
     return t
 
 
@@ -76,7 +86,7 @@ class Path(ABC):
         return self._alpha(t) / self._sigma(t)
 
     def h(self, t: torch.Tensor | float) -> torch.Tensor:
-        """h_t = alpha'_t - alpha_t sigma'_t / sigma_t (seed 004, Lemma 3.1; +inf at t = 1)."""
+        """h_t = alpha'_t - alpha_t sigma'_t / sigma_t ([VR], Lemma 3.1; +inf at t = 1)."""
         t = _as_t(t)
         return self._d_alpha(t) - self._alpha(t) * self._d_sigma(t) / self._sigma(t)
 
@@ -148,7 +158,7 @@ _PATHS = {"linear": LinearPath, "cosine": CosinePath, "vp": VPPath}
 
 
 def path(name: str | Path) -> Path:
-    """The flow-matching path ``name`` in ("linear", "cosine", "vp") (MATH.md §4); t = 1 is data."""
+    """The flow-matching path ``name`` in ("linear", "cosine", "vp") (docs/math.md §4); t = 1 is data."""
     if isinstance(name, Path):
         return name
     if not isinstance(name, str):

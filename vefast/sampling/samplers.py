@@ -1,5 +1,5 @@
 """Timestep samplers sharing one protocol (``pdf``, ``cdf``, ``icdf``, ``sample``), so a trainer swaps
-them freely: :class:`UniformSampler`, :class:`LogitNormalSampler` (SD3; MATH.md §6) and
+them freely: :class:`UniformSampler`, :class:`LogitNormalSampler` (SD3; docs/math.md §6) and
 :class:`vefast.sampling.VRTimestepSampler`. t = 1 is data, t = 0 noise; for codebases where t = 1 is
 noise use ``1 - sampler.sample(n)`` (and ``LogitNormalSampler(-m, s)`` for the same law).
 """
@@ -68,6 +68,10 @@ class TimestepSampler(ABC):
         the sampler *without* weights optimizes a different, reweighted objective, which is the point
         of VR-sampling; the weights are for users who want the original objective with lower
         variance.)
+
+        No host synchronization, so it can run every training step: the draws happen on the
+        generator's device (from a CPU generator to a CUDA ``device``: a host->device copy that does not
+        wait for the stream) and no value is read back.
         """
         _check_n(n)
         dev = _resolve_device(device, generator)
@@ -99,7 +103,7 @@ class UniformSampler(TimestepSampler):
 
 
 class LogitNormalSampler(TimestepSampler):
-    """SD3's logit-normal: ``t = sigmoid(m + s n)``, ``n ~ N(0, 1)`` (MATH.md §6; seed 004 §4.3).
+    """SD3's logit-normal: ``t = sigmoid(m + s n)``, ``n ~ N(0, 1)`` (docs/math.md §6; [VR] §4.3).
 
     ``pdf(t) = 1/(s sqrt(2 pi)) 1/(t (1-t)) exp(-(logit t - m)^2 / (2 s^2))``,
     ``cdf(t) = Phi((logit t - m) / s)``. With t = 1 noise (diffusers, SiT variants) use m' = -m.
@@ -129,7 +133,8 @@ class LogitNormalSampler(TimestepSampler):
 
     def _draw(self, n, device, generator):
         gen_device = generator.device if generator is not None else torch.device("cpu")
-        z = torch.randn(n, generator=generator, device=gen_device, dtype=torch.float64).to(device)
+        z = torch.randn(n, generator=generator, device=gen_device, dtype=torch.float64)
+        z = z.to(device, non_blocking=z.device.type == "cpu")  # host->device: no stream sync
         return torch.sigmoid(self.m + self.s * z).to(torch.float32).clamp_(T_LO, T_HI)
 
     def __repr__(self) -> str:

@@ -1,8 +1,9 @@
-"""Public separation function ``S_hat(r)`` (seed 004, eq. 3.3; MATH.md §5): argument checks,
+"""Public separation function ``S_hat(r)`` ([VR], eq. 3.3; docs/math.md §5): argument checks,
 standardization, common random numbers, dispatch to the Gram-form paths of
 :mod:`vefast.ops.separation`."""
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -26,19 +27,26 @@ def _as_snr(snr: torch.Tensor | Sequence[float] | float) -> torch.Tensor:
     return s
 
 
-def _flatten_rows(name: str, t: torch.Tensor) -> torch.Tensor:
+def _flatten_rows(name: str, t: torch.Tensor, *, rows: str, min_rows: int) -> torch.Tensor:
+    """``t`` (rows, ...) as (rows, d): at least ``min_rows`` rows (called ``rows`` in the message),
+    d >= 1, finite values."""
     _common.check_tensor(name, t)
     if t.dim() < 2:
         raise ValueError(f"{name} must have shape (rows, ...) with at least 2 dims, got {tuple(t.shape)}")
-    t = t.reshape(t.shape[0], -1)
+    if t.shape[0] < min_rows:
+        raise ValueError(f"{name} must have at least {rows} = {min_rows} rows, got shape {tuple(t.shape)}")
+    if math.prod(t.shape[1:]) == 0:
+        raise ValueError(f"{name} rows must have at least one element (d >= 1), got shape {tuple(t.shape)}")
+    t = t.flatten(1)
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} must be finite, got NaN or inf values")
     return t
 
 
 def standardize(x: torch.Tensor) -> torch.Tensor:
-    """Zero mean and unit population std per dimension over the rows (MATH §5: ``mean ||x||^2 / d = 1``),
+    """Zero mean and unit population std per dimension over the rows (docs/math.md §5: ``mean ||x||^2 / d = 1``),
     returned in float64 so that ``tr(G) / (M d) = 1`` to float64 rounding (it offsets ``1 - S_hat``)."""
+    _common.check_not_meta("standardize", x=x)
     x64 = x.double()
     std = x64.std(dim=0, unbiased=False)
     const = int((std == 0).sum())
@@ -59,33 +67,45 @@ def draw_noise(k: int, d: int, *, dtype: torch.dtype, device: torch.device,
 
 def separation_function(x1: torch.Tensor, snr: torch.Tensor | Sequence[float] | float, *, num_noise: int = 500,
                         noise: torch.Tensor | None = None, normalize: bool = True,
-                        generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
-    """Monte Carlo separation function of seed 004 eq. 3.3 (MATH.md §5), exact Gram form.
+                        generator: torch.Generator | None = None, progress: bool = False,
+                        leave_one_out: bool = False) -> torch.Tensor:
+    """Monte Carlo separation function of [VR] eq. 3.3 (docs/math.md §5), exact Gram form.
 
     ``S_hat(r) = 1/(M K d) sum_il || sum_j softmax_j(-r^2 ||x1_i + e_l / r - x1_j||^2 / 2) x1_j ||^2``
     (j = i included) for every r in ``snr``, with the same K noise rows for every r (common random
     numbers, a smooth curve).
 
     Args:
-        x1: (M, ...) data rows, flattened to d; float32 / float64 (bf16 / fp16 run in fp32). M >= 2.
+        x1: (M, ...) data rows, flattened to d >= 1; float32 / bf16 / fp16 (fused kernel) or float64
+            (float64 torch path). M >= 2.
         snr: SNR values r = alpha_t / sigma_t > 0 (any shape, flattened).
         num_noise: K, noise rows drawn from ``generator`` when ``noise`` is None.
         noise: explicit (K, ...) noise rows flattening to d (exact tests); ``num_noise`` is then unused.
         normalize: standardize each dimension over the M rows (zero mean, population std 1).
         generator: source of the noise (drawn on its device; torch's default CPU generator if None).
-        progress: show a tqdm bar over the r values (torch path).
+        progress: show a tqdm bar over the r values (torch path; the kernel does every r in one launch).
+        leave_one_out: the softmax over ``j != i`` instead of eq. 3.3's ``j = i`` included: the row a
+            noisy point was made from is not in its own posterior (docs/vr_sampling.md, "Leave-one-out").
+            Not the paper's estimator; every r then costs the dense price (no one-hot row to skip).
 
     Returns:
-        float64 tensor of S_hat, one per r (per-row terms in fp32 for fp32 inputs, sums in float64).
-        ``1 - S_hat`` is accurate even where S_hat -> 1 (the complement is accumulated directly).
+        float64 tensor of S_hat, one per r, in [0, 1] with ``normalize=True`` (in [0, inf) without).
+        ``1 - S_hat`` is accurate even where S_hat -> 1 (the complement is accumulated directly); where
+        S_hat -> 0 (r -> 0) its absolute error is that of the fp32 complement (~1e-8), and the clamp
+        keeps rounding from leaving [0, 1].
 
-    Dispatch: float64 input -> torch Gram path in float64 (any device); otherwise a CUDA tensor (or
-    TRITON_INTERPRET=1) -> the fused Triton kernel, a CPU tensor -> torch Gram path in fp32.
+    Precision: the statistics are float64 for every input dtype (standardization, ``G``, ``P``, ``D``,
+    the trace, the final ``tr(G)/(M d) - C/(M K d)``); the per-r work (softmax weights, ``C(r)``) runs
+    in fp32 with fp32 accumulation, per-program partials summed in float64.
+
+    Dispatch (:func:`vefast.ops._common.triton_path` on ``x1``): float32 / bf16 / fp16 on CUDA (or
+    under TRITON_INTERPRET=1) -> the fused Triton kernel; on CPU -> the torch Gram path in fp32; float64
+    ``x1`` -> the torch Gram path in float64 on any device (a float64 request keeps float64 per-r work;
+    reported once as a fallback).
     """
-    x = _flatten_rows("x1", x1)
+    _common.check_not_meta("separation_function", x1=x1, snr=snr, noise=noise)
+    x = _flatten_rows("x1", x1, rows="M", min_rows=2)
     m, d = x.shape
-    if m < 2:
-        raise ValueError(f"x1 must have at least M = 2 rows, got {m}")
     r = _as_snr(snr)
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     if noise is None:
@@ -93,27 +113,35 @@ def separation_function(x1: torch.Tensor, snr: torch.Tensor | Sequence[float] | 
             raise ValueError(f"num_noise must be an int >= 1, got {num_noise!r}")
         e = draw_noise(num_noise, d, dtype=work, device=x.device, generator=generator)
     else:
-        e = _flatten_rows("noise", noise)
+        e = _flatten_rows("noise", noise, rows="K", min_rows=1)
         if e.shape[1] != d:
             raise ValueError(f"noise rows must have d = {d} elements like x1's, got {e.shape[1]}")
         _common.check_same_device(x1=x, noise=e)
-    x = standardize(x) if normalize else x
-    st = _sep.gram_stats(x, e)
+    xs = standardize(x) if normalize else x  # float64 when standardized
+    st = _sep.gram_stats(xs, e)
     k = e.shape[0]
     r = r.to(x.device)
-    if work == torch.float32 and _common.triton_path("separation_function", x):
-        comp = _sep.separation_complement_triton(st, r)
+    if not isinstance(leave_one_out, bool):
+        raise TypeError(f"leave_one_out must be a bool, got {type(leave_one_out).__name__}")
+    if _common.triton_path("separation_function", x):  # the input's dtype decides, not the float64 stats'
+        comp = _sep.separation_complement_triton(_sep.kernel_stats(st), r, leave_one_out=leave_one_out)
     else:
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        comp = _complement_torch(xs, st, r, dtype=work, progress=progress, leave_one_out=leave_one_out)
+    s_hat = (st["gdiag"].sum() / (m * d) - comp / (m * k * d)).clamp_(min=0.0)
+    return s_hat.clamp_(max=1.0) if normalize else s_hat
 
-            bar = tqdm(total=r.numel(), desc="separation S(r)", unit="snr")
-        try:
-            comp = _sep.separation_complement_torch(x, st, r, dtype=work,
-                                                    progress=bar.update if bar is not None else None)
-        finally:
-            if bar is not None:
-                bar.close()
-    trace = st["gdiag"].sum()
-    return trace / (m * d) - comp / (m * k * d)
+
+def _complement_torch(x: torch.Tensor, st: dict[str, torch.Tensor], r: torch.Tensor, *, dtype: torch.dtype,
+                      progress: bool, leave_one_out: bool = False) -> torch.Tensor:
+    """``C(r)`` by the torch Gram path, with an optional tqdm bar over the r values."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=r.numel(), desc="separation S(r)", unit="snr")
+    try:
+        return _sep.separation_complement_torch(x, st, r, dtype=dtype, leave_one_out=leave_one_out,
+                                                progress=bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
