@@ -2,20 +2,25 @@
 
 Public API (imported on first use; ``import vefast`` does no CUDA work and imports no kernels):
 
-- Tokenizer latents: :func:`ve_loss`, :func:`kl_loss` (MATH.md §1-2)
+- Tokenizer latents: :func:`ve_loss`, :func:`kl_loss` (docs/math.md §1-2)
 - Alignment with DINOv2: :func:`vf_loss`, :func:`align_loss`, :func:`repa_loss`,
-  :func:`load_dinov2`, :func:`dinov2_features` (MATH.md §3)
+  :func:`load_dinov2`, :func:`dinov2_features` (docs/math.md §3)
 - Timesteps: :func:`path`, :func:`separation_function`, :class:`VRTimestepSampler`,
-  :class:`LogitNormalSampler`, :class:`UniformSampler` (MATH.md §4-6)
+  :class:`LogitNormalSampler`, :class:`UniformSampler` (docs/math.md §4-6)
 - DiT ops: :func:`attention`, :func:`qk_norm_rope_attention`, :func:`norm_modulate`,
-  :func:`gated_residual`, :func:`swiglu` (MATH.md §7)
-- Modules: :mod:`vefast.nn`; environment report: :func:`info`
+  :func:`gated_residual`, :func:`gated_residual_norm_modulate`, :func:`swiglu` (docs/math.md §7)
+- Modules: :mod:`vefast.nn`; environment report: :func:`info`; every eager fallback, per call:
+  :func:`record_fallbacks`, :func:`add_fallback_listener`
+
+The subpackages ``vefast.nn``, ``vefast.sampling``, ``vefast.ops``, ``vefast.models`` and
+``vefast.recipes`` resolve as attributes after ``import vefast`` (imported on first use).
 """
 from ._lazy import attach
 from ._version import __version__
 
 _EXPORTS = {
     "info": "._info",
+    "record_fallbacks": ".ops._common", "add_fallback_listener": ".ops._common", "FallbackEvent": ".ops._common",
     # reparameterization losses (issue: foundation)
     "ve_loss": ".ops.reparam", "kl_loss": ".ops.reparam", "VEOutput": ".ops.reparam", "KLOutput": ".ops.reparam",
     # DINOv2 alignment
@@ -27,7 +32,10 @@ _EXPORTS = {
     "LogitNormalSampler": ".sampling", "UniformSampler": ".sampling",
     # DiT attention and block ops
     "attention": ".ops.attention", "qk_norm_rope_attention": ".ops.attention",
-    "norm_modulate": ".ops.norm_modulate", "gated_residual": ".ops.gated_residual", "swiglu": ".ops.swiglu",
+    "norm_modulate": ".ops.norm_modulate", "gated_residual": ".ops.gated_residual",
+    "gated_residual_norm_modulate": ".ops.gated_residual", "GatedResidualNormOutput": ".ops.gated_residual",
+    "swiglu": ".ops.swiglu",
 }
+_SUBMODULES = ("nn", "sampling", "ops", "models", "recipes")
 __all__ = ["__version__", *_EXPORTS]
-__getattr__, __dir__ = attach(__name__, _EXPORTS)
+__getattr__, __dir__ = attach(__name__, _EXPORTS, _SUBMODULES)

@@ -35,7 +35,9 @@ def _extension_status() -> dict[str, Any]:
         status["reason"] = _ext.unavailable_reason()
         return status
     module = _ext.load()
-    status["binary"] = dict(module.build_info())
+    status["library"] = module.path.name
+    status["namespace"] = _ext.NAMESPACE
+    status["binary"] = module.build_info()
     if torch.cuda.is_available():
         try:
             status["runs_on_device_arch"] = module.probe_arch(torch.cuda.current_device())
@@ -43,6 +45,13 @@ def _extension_status() -> dict[str, Any]:
             status["runs_on_device_arch"] = None
             status["reason"] = str(exc)
     return status
+
+
+def _attention_status() -> list[dict[str, Any]]:
+    """What backend="auto" of the attention ops picks per head dim here, and why."""
+    from .ops.attention import attention_backends
+
+    return attention_backends()
 
 
 def info(*, verbose: bool = True) -> dict[str, Any]:
@@ -65,6 +74,7 @@ def info(*, verbose: bool = True) -> dict[str, Any]:
         "device": device,
         "triton": _triton_status(),
         "extension": _extension_status(),
+        "attention": _attention_status(),
         "fallbacks_reported": reported_fallbacks(),
     }
     if verbose:
@@ -84,13 +94,16 @@ def format_info(report: dict[str, Any]) -> str:
     ext = report["extension"]
     if ext["loaded"]:
         b = ext["binary"]
-        line = f"extension  : vefast._C loaded (built for torch {b['torch_version']}, CUDA {b['cuda_version']}, SM {b['cuda_archs']})"
+        line = (f"extension  : {ext['library']} loaded as torch.ops.{ext['namespace']} (built for torch "
+                f"{b['torch_version']}, CUDA {b['cuda_version']}, SM {b['cuda_archs']})")
         if "runs_on_device_arch" in ext:
             arch = ext["runs_on_device_arch"]
             line += f"; kernels run as sm_{arch // 10}" if arch else f"; kernels do NOT run here: {ext['reason']}"
         lines.append(line)
     else:
         lines.append(f"extension  : not loaded: {ext['reason']}")
+    for row in report.get("attention", []):
+        lines.append(f"attention  : hd {row['head_dim']}: {row['backend']} ({row['reason']})")
     for key, msg in report["fallbacks_reported"].items():
         lines.append(f"fallback   : {key}: {msg}")
     return "\n".join(lines)

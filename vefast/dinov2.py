@@ -1,13 +1,14 @@
-"""DINOv2 features at the latent grid, the frozen targets of the alignment losses (MATH.md §3).
+"""DINOv2 features at the latent grid, the frozen targets of the alignment losses (docs/math.md §3).
 
 - :func:`load_dinov2` builds a timm DINOv2 (``dynamic_img_size=True``), frozen and in eval mode.
   Offline-friendly: ``checkpoint=`` a local file (``.safetensors``, ``.pth``/``.bin``/``.pt``) or a
   directory holding ``model.safetensors`` / ``pytorch_model.bin`` (a Hugging Face snapshot, e.g.
   ``huggingface-cli download timm/vit_large_patch14_dinov2.lvd142m --local-dir DIR``) needs no
-  network. ``pretrained=True`` without a checkpoint goes through timm's Hugging Face loader (its
-  cache, or a download); when that fails the error says how to get the weights.
+  network. ``pretrained=True`` without a checkpoint reads the weights from the local Hugging Face
+  cache (``HF_HOME`` / ``HF_HUB_CACHE``) and never touches the network: where they are not cached
+  the error says at once how to provide them. ``download=True`` lets timm fetch them.
 - :func:`dinov2_features` returns ``(patch (B, D', h, w), cls (B, D'))`` at the latent grid:
-  * ``resize="match_grid"`` (ReaLS §3.2, MATH §3b): images resized to (h p, w p), p the patch size
+  * ``resize="match_grid"`` (ReaLS §3.2, docs/math.md §3b): images resized to (h p, w p), p the patch size
     (14), so the patch grid is the latent grid at any resolution (224 px for a 16x16 grid).
   * ``resize="224"`` (VA-VAE, ``foundation_models.py``): images resized to 224x224 whatever their
     size; the grid must then be (224 / p, 224 / p) = (16, 16) for a /14 model (VA-VAE's f16 at
@@ -40,6 +41,42 @@ def _how_to_get(name: str) -> str:
             f"file inside), or set HF_HOME to a cache that already holds them")
 
 
+def _how_to_provide(name: str) -> str:
+    return (f"no local weights for {name!r}: pass checkpoint='DIR' (a directory holding model.safetensors, "
+            f"or the file itself), or put them in the Hugging Face cache, or allow a download with "
+            f"load_dinov2({name!r}, download=True); " + _how_to_get(name))
+
+
+def _cached_weights(name: str) -> Path | None:
+    """The weights of timm model ``name`` in the local Hugging Face cache, without any network access."""
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        return None
+    for filename in _CHECKPOINT_FILES:
+        found = try_to_load_from_cache(repo, filename)
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def _load_file(path: Path):
+    """The object stored in a safetensors / torch checkpoint file; a clear error for anything else."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle, zip, safetensors header errors: many types, one message
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"checkpoint {str(path)!r} is not a readable {'safetensors' if path.suffix == '.safetensors' else 'PyTorch'} "
+                         f"checkpoint ({type(exc).__name__}: {first})") from None
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.is_dir():
         found = [path / f for f in _CHECKPOINT_FILES if (path / f).is_file()]
@@ -48,12 +85,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         path = found[0]
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path), device="cpu")
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = _load_file(path)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -63,15 +95,20 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_dinov2(name: str = "vit_large_patch14_dinov2.lvd142m", *, checkpoint: str | Path | None = None,
-                pretrained: bool = True, **timm_kwargs) -> nn.Module:
+                pretrained: bool = True, download: bool = False, **timm_kwargs) -> nn.Module:
     """A frozen timm DINOv2 in eval mode (``dynamic_img_size=True``; ``timm_kwargs`` go to
-    ``timm.create_model``). ``checkpoint`` loads local weights with no network; otherwise
-    ``pretrained`` decides between timm's Hugging Face weights and a random initialization."""
+    ``timm.create_model``). ``checkpoint`` loads local weights; ``pretrained`` without a checkpoint
+    reads the local Hugging Face cache (no network; ``download=True`` lets timm fetch the weights);
+    ``pretrained=False`` is a random initialization."""
     import timm
 
     if not isinstance(name, str) or not timm.is_model(name):
         raise ValueError(f"name must be a timm model name (e.g. 'vit_large_patch14_dinov2.lvd142m'), got {name!r}")
     kwargs = {"dynamic_img_size": True, **timm_kwargs}
+    if checkpoint is None and pretrained and not download:
+        checkpoint = _cached_weights(name)
+        if checkpoint is None:
+            raise FileNotFoundError(_how_to_provide(name))
     if checkpoint is not None:
         state = _read_state_dict(Path(checkpoint))
         model = timm.create_model(name, pretrained=False, **kwargs)
@@ -120,6 +157,8 @@ def dinov2_features(model: nn.Module, images: torch.Tensor, grid: tuple[int, int
     in_chans = model.patch_embed.proj.in_channels
     if images.dim() != 4 or images.shape[1] != in_chans:
         raise ValueError(f"images must be (B, {in_chans}, H, W), got shape {tuple(images.shape)}")
+    if images.shape[0] == 0 or images.shape[2] == 0 or images.shape[3] == 0:
+        raise ValueError(f"images must hold at least one non-empty image, got shape {tuple(images.shape)}")
     if (not isinstance(grid, (tuple, list)) or len(grid) != 2
             or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid)):
         raise ValueError(f"grid must be a pair of positive ints (h, w), got {grid!r}")

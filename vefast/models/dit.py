@@ -1,4 +1,4 @@
-"""DiT (Peebles & Xie 2023) and SiT (Ma et al. 2024) reference models (MATH.md §7).
+"""DiT (Peebles & Xie 2023) and SiT (Ma et al. 2024) reference models (docs/math.md §7).
 
 The architecture of facebookresearch/DiT ``models.py`` and willisma/SiT ``models.py``: patch
 embedding + fixed 2D sin-cos positional embedding, timestep and label embedders (label dropout for
@@ -8,6 +8,11 @@ names are those of the official code, so the official checkpoints load with ``lo
 
 SiT is the same network; it differs only in its forward, which drops the sigma channels when
 ``learn_sigma`` is set. ``vefast.nn.patch_dit`` swaps the blocks for fused ones.
+
+Official call sites kept working: ``use_checkpoint=True`` (LightningDiT's constructor argument,
+accepted by DiT and SiT too) recomputes every block in the backward (activation checkpointing per
+block); ``forward_with_cfg(x, t, y, cfg_scale, cfg_interval=True, cfg_interval_start=s)`` returns
+the conditional output where ``t < s`` (LightningDiT's guidance interval).
 """
 from __future__ import annotations
 
@@ -17,6 +22,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
@@ -171,12 +183,18 @@ class FinalLayer(nn.Module):
 # the model
 # --------------------------------------------------------------------------------------------
 class DiT(nn.Module):
-    """Diffusion transformer (facebookresearch/DiT): (B, C, H, W), (B,) t, (B,) y -> (B, C_out, H, W)."""
+    """Diffusion transformer (facebookresearch/DiT): (B, C, H, W), (B,) t, (B,) y -> (B, C_out, H, W).
+
+    ``use_checkpoint``: recompute each block's activations in the backward instead of keeping them
+    (``torch.utils.checkpoint`` per block, as LightningDiT's ``use_checkpoint``); an attribute, so it
+    can be switched on after construction too.
+    """
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
-                 num_classes: int = 1000, learn_sigma: bool = True):
+                 num_classes: int = 1000, learn_sigma: bool = True, use_checkpoint: bool = False):
         super().__init__()
+        self.use_checkpoint = _check_flag("use_checkpoint", use_checkpoint)
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -231,19 +249,43 @@ class DiT(nn.Module):
         tokens = self.x_embedder(x) + self.pos_embed
         return tokens, self.t_embedder(t) + self.y_embedder(y, self.training)
 
+    def run_blocks(self, x: torch.Tensor, c: torch.Tensor, *extra: object) -> torch.Tensor:
+        """``x = block(x, c, *extra)`` for every block, checkpointed per block when ``use_checkpoint``
+        is set and gradients are recorded (non-reentrant ``torch.utils.checkpoint``: same values and
+        gradients, works with ``torch.compile``)."""
+        recompute = self.use_checkpoint and torch.is_grad_enabled()
+        for block in self.blocks:
+            x = checkpoint(block, x, c, *extra, use_reentrant=False) if recompute else block(x, c, *extra)
+        return x
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x, c = self.embed(x, t, y)
-        for block in self.blocks:
-            x = block(x, c)
+        x = self.run_blocks(x, c)
         return self.unpatchify(self.final_layer(x, c))
 
-    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-        """Batched conditional / unconditional forward with guidance on the first 3 channels (official)."""
+    # channels the guidance applies to: DiT and SiT guide the first 3 (their official code, "for exact
+    # reproducibility"), LightningDiT all of its input channels
+    def _cfg_channels(self) -> int:
+        return 3
+
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
+                         cfg_interval: bool | None = None, cfg_interval_start: float | None = None) -> torch.Tensor:
+        """Batched conditional / unconditional forward (first half of ``x`` conditional, ``y`` holding the
+        labels then the null labels) with ``uncond + cfg_scale * (cond - uncond)`` on the guided channels.
+
+        ``cfg_interval=True`` (LightningDiT's guidance interval): where ``t[0] < cfg_interval_start`` the
+        conditional output is returned unguided (decided on the device, no host sync).
+        """
         half = x[: len(x) // 2]
         model_out = self.forward(torch.cat([half, half], dim=0), t, y)
-        eps, rest = model_out[:, :3], model_out[:, 3:]
+        n = self._cfg_channels()
+        eps, rest = model_out[:, :n], model_out[:, n:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        if cfg_interval is True:
+            if cfg_interval_start is None:
+                raise ValueError("forward_with_cfg: cfg_interval=True needs cfg_interval_start")
+            half_eps = torch.where(t[0] < cfg_interval_start, cond_eps, half_eps)
         return torch.cat([torch.cat([half_eps, half_eps], dim=0), rest], dim=1)
 
 

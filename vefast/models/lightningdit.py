@@ -1,6 +1,6 @@
 """LightningDiT (Yao et al. 2025, "Reconstruction vs. Generation", hustvl/LightningDiT) reference model.
 
-DiT's network (MATH.md §7) with the LightningDiT options: RMSNorm instead of LayerNorm (with a
+DiT's network (docs/math.md §7) with the LightningDiT options: RMSNorm instead of LayerNorm (with a
 weight, eps 1e-6), optional per-head q/k RMSNorm, 2D EVA-style rotary embedding of q and k,
 SwiGLU FFN (hidden ``int(2/3 * 4 D)``, fused ``w12``), optional shift-free adaLN (``wo_shift``).
 Module, parameter and buffer names are those of hustvl/LightningDiT ``models/lightningdit.py``
@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dit import DiT, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, modulate
+from .dit import DiT, FinalLayer, LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, _check_flag, modulate
 
 
 class RMSNorm(nn.Module):
@@ -136,8 +136,10 @@ class LightningDiT(DiT):
     def __init__(self, input_size: int = 16, patch_size: int = 1, in_channels: int = 32, hidden_size: int = 1152,
                  depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0, class_dropout_prob: float = 0.1,
                  num_classes: int = 1000, learn_sigma: bool = False, use_qknorm: bool = False,
-                 use_swiglu: bool = True, use_rope: bool = True, use_rmsnorm: bool = True, wo_shift: bool = False):
+                 use_swiglu: bool = True, use_rope: bool = True, use_rmsnorm: bool = True, wo_shift: bool = False,
+                 use_checkpoint: bool = False):
         nn.Module.__init__(self)
+        self.use_checkpoint = _check_flag("use_checkpoint", use_checkpoint)
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -162,10 +164,12 @@ class LightningDiT(DiT):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x, c = self.embed(x, t, y)
-        for block in self.blocks:
-            x = block(x, c, self.feat_rope)
+        x = self.run_blocks(x, c, self.feat_rope)
         out = self.unpatchify(self.final_layer(x, c))
         return out.chunk(2, dim=1)[0] if self.learn_sigma else out
+
+    def _cfg_channels(self) -> int:
+        return self.in_channels  # LightningDiT guides every latent channel
 
 
 _SIZES = {"B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16), "1p0B": (24, 1536, 24),

@@ -7,15 +7,22 @@ middle. The downsampling factor is ``2 ** (len(channel_mult) - 1)``: VA-VAE's f1
 ``channel_mult=(1, 1, 2, 2, 4)``, ``latent_channels=32``; LDM's f8 is ``(1, 2, 4, 4)``.
 
 The encoder emits ``moments`` (B, 2C, h, w) — mean then logvar, the convention of
-:class:`vefast.nn.DiagonalGaussianDistribution` (MATH.md §1) — after LDM's 1x1 ``quant_conv``; the
+:class:`vefast.nn.DiagonalGaussianDistribution` (docs/math.md §1) — after LDM's 1x1 ``quant_conv``; the
 decoder takes z (B, C, h, w) through ``post_quant_conv``. State-dict keys follow LDM
-(``encoder.down.0.block.0.norm1.weight``, ``quant_conv.weight``, ...).
+(``encoder.down.0.block.0.norm1.weight``, ``quant_conv.weight``, ...), so LDM / VA-VAE autoencoder
+weights load with ``load_state_dict`` (:func:`ldm_config_from_state_dict` reads the architecture off them).
+
+``use_checkpoint`` (the name the DiT models use): every ResNet block and the middle block recompute
+their activations in the backward (non-reentrant ``torch.utils.checkpoint``) instead of keeping them.
 """
 from __future__ import annotations
+
+import re
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -77,6 +84,13 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def _run(block: nn.Module, h: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
+    """``block(h)``, recomputed in the backward when ``use_checkpoint`` and gradients are recorded."""
+    if use_checkpoint and torch.is_grad_enabled():
+        return checkpoint(block, h, use_reentrant=False)
+    return block(h)
+
+
 class _Level(nn.Module):
     def __init__(self):
         super().__init__()
@@ -113,15 +127,16 @@ class Encoder(nn.Module):
         self.mid = _Mid(ch, groups, dropout, mid_attn)
         self.norm_out = _norm(ch, groups)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
+        self.use_checkpoint = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
             for block in level.block:
-                h = block(h)
+                h = _run(block, h, self.use_checkpoint)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
-        h = self.mid(h)
+        h = _run(self.mid, h, self.use_checkpoint)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -144,12 +159,13 @@ class Decoder(nn.Module):
         self.up = nn.ModuleList(up)
         self.norm_out = _norm(ch, groups)
         self.conv_out = nn.Conv2d(ch, out_channels, 3, padding=1)
+        self.use_checkpoint = False
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+        h = _run(self.mid, self.conv_in(z), self.use_checkpoint)
         for level in reversed(self.up):
             for block in level.block:
-                h = block(h)
+                h = _run(block, h, self.use_checkpoint)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
@@ -164,8 +180,10 @@ class AutoencoderKL(nn.Module):
 
     def __init__(self, *, in_channels: int = 3, base_channels: int = 128, channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4),
                  num_res_blocks: int = 2, latent_channels: int = 32, norm_groups: int = 32, dropout: float = 0.0,
-                 mid_attn: bool = True):
+                 mid_attn: bool = True, use_checkpoint: bool = False):
         super().__init__()
+        if not isinstance(use_checkpoint, bool):
+            raise TypeError(f"use_checkpoint must be a bool, got {type(use_checkpoint).__name__}")
         if len(channel_mult) < 1:
             raise ValueError("tokenizer: channel_mult must have at least one entry")
         self.latent_channels = latent_channels
@@ -176,6 +194,17 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(out_channels=in_channels, latent_channels=latent_channels, **common)
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1)
+        self.use_checkpoint = use_checkpoint
+
+    @property
+    def use_checkpoint(self) -> bool:
+        return self.encoder.use_checkpoint
+
+    @use_checkpoint.setter
+    def use_checkpoint(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"use_checkpoint must be a bool, got {type(value).__name__}")
+        self.encoder.use_checkpoint = self.decoder.use_checkpoint = value
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_conv(self.encoder(x))
@@ -195,6 +224,28 @@ class AutoencoderKL(nn.Module):
     def decoder_last_layer(self) -> torch.Tensor:
         """The weight the GAN adaptive weight differentiates against (LDM: the decoder's ``conv_out``)."""
         return self.decoder.conv_out.weight
+
+
+def ldm_config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict:
+    """The :class:`AutoencoderKL` arguments of an LDM / VA-VAE autoencoder state dict (keys ``encoder.*``,
+    ``decoder.*``, ``quant_conv.*``, ``post_quant_conv.*``). GroupNorm's group count cannot be read off
+    the weights: LDM's 32 is assumed. Raises ``ValueError`` naming what does not fit."""
+    need = ("encoder.conv_in.weight", "post_quant_conv.weight", "quant_conv.weight", "decoder.conv_in.weight")
+    missing = [k for k in need if k not in sd]
+    if missing:
+        raise ValueError(f"not an LDM autoencoder state dict: no {', '.join(missing)}")
+    levels = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.(\d+)\.", k))})
+    if not levels:
+        raise ValueError("not an LDM autoencoder state dict: no encoder.down.* keys")
+    if any(k.startswith(f"encoder.down.{i}.attn.") for i in levels for k in sd):
+        raise ValueError("the autoencoder has attention inside its resolution levels (LDM attn_resolutions); "
+                         "vefast's AutoencoderKL has attention in the middle block only")
+    base = sd["encoder.conv_in.weight"].shape[0]
+    blocks = sorted({int(m.group(1)) for k in sd if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k))})
+    mult = [sd[f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // base for i in levels]
+    return dict(in_channels=sd["encoder.conv_in.weight"].shape[1], base_channels=base, channel_mult=tuple(mult),
+                num_res_blocks=len(blocks), latent_channels=sd["post_quant_conv.weight"].shape[0], norm_groups=32,
+                mid_attn="encoder.mid.attn_1.q.weight" in sd)
 
 
 class NLayerDiscriminator(nn.Module):

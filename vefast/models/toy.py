@@ -1,11 +1,11 @@
-"""Models of the 2D toy example (seed 000 appendix C, MATH.md §8): MLP tokenizer and velocity field.
+"""Models of the 2D toy example ([VE-supp] appendix C, docs/math.md §8): MLP tokenizer and velocity field.
 
 The paper uses 8-layer ReLU MLPs, 512 wide, for the encoder, the decoder and the flow model, with
 a 2D latent. ``depth`` here counts the Linear layers (``depth - 1`` hidden activations).
 Choices the paper leaves open (documented in docs/toy.md):
 
 - the encoder sees ``x / sigma_data`` (unit-scale input) and emits ``(mean, logvar)`` of a
-  diagonal Gaussian posterior (MATH.md §1 channel convention: first the means, then the logvars);
+  diagonal Gaussian posterior (docs/math.md §1 channel convention: first the means, then the logvars);
 - the decoder emits ``sigma_data * MLP(z)``;
 - the velocity field takes ``(z, t)`` with ``t`` given as ``t`` plus sinusoidal features
   ``sin(pi 2^k t), cos(pi 2^k t)``, ``k < time_features / 2`` (0 features: ``t`` alone).

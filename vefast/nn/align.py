@@ -1,4 +1,4 @@
-"""Alignment modules (MATH.md §3): VA-VAE's VF loss with its projection, ReaLS' alignment heads and
+"""Alignment modules (docs/math.md §3): VA-VAE's VF loss with its projection, ReaLS' alignment heads and
 REPA's projector, on the fused losses of :mod:`vefast.ops.vf_loss` and :mod:`vefast.ops.align_loss`.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ class VFLoss(nn.Module):
 
     The parameter is ``linear_proj.weight`` (D', C, 1, 1), VA-VAE's key and shape, so
     ``load_state_dict`` takes VA-VAE's tensor as is; :meth:`load_vavae_state_dict` picks it out of
-    a whole VA-VAE checkpoint. ``forward(z, features)`` -> :class:`vefast.VFOutput` (MATH §3a).
+    a whole VA-VAE checkpoint. ``forward(z, features)`` -> :class:`vefast.VFOutput` (docs/math.md §3a).
     """
 
     def __init__(self, latent_dim: int, feature_dim: int, *, margin_cos: float = 0.5, margin_dms: float = 0.25,
@@ -31,6 +31,13 @@ class VFLoss(nn.Module):
         self.weight_cos, self.weight_dms = weight_cos, weight_dms
 
     def forward(self, z: torch.Tensor, features: torch.Tensor) -> VFOutput:
+        c, d = self.linear_proj.in_channels, self.linear_proj.out_channels
+        for name, t, dim, want in (("z", z, 1, c), ("features", features, 1, d)):
+            if isinstance(t, torch.Tensor) and t.dim() == 4 and t.shape[dim] != want:
+                kind = "latent_dim" if name == "z" else "feature_dim"
+                hint = "" if name == "z" else " (DINOv2 ViT-S/14 gives 384, B/14 768, L/14 1024, g/14 1536)"
+                raise ValueError(f"VFLoss: {name} has {t.shape[dim]} channels (dim 1 of {tuple(t.shape)}) but this "
+                                 f"VFLoss was built with {kind}={want}: VFLoss(latent_dim={c}, feature_dim={d}){hint}")
         return vf_loss(z, features, self.linear_proj.weight, margin_cos=self.margin_cos,
                        margin_dms=self.margin_dms, weight_cos=self.weight_cos, weight_dms=self.weight_dms)
 
@@ -56,7 +63,7 @@ def _mlp(latent_dim: int, hidden_dim: int, feature_dim: int) -> nn.Sequential:
 
 
 class ReaLSAlignHead(nn.Module):
-    """ReaLS' alignment network (ReaLS eq. 1-2, MATH §3b): ``patch_mlp`` per latent token and
+    """ReaLS' alignment network (ReaLS eq. 1-2, docs/math.md §3b): ``patch_mlp`` per latent token and
     ``cls_mlp`` on the spatially averaged latent, each ``Linear(C, H) GELU Linear(H, D')``
     (H = ``hidden_dim``, default D': not published, our choice).
 
@@ -101,9 +108,35 @@ class ReaLSAlignHead(nn.Module):
 
 
 class REPAProjector(nn.Sequential):
-    """REPA's projector (MATH §3c): ``Linear(D, P) SiLU Linear(P, P) SiLU Linear(P, D')`` per token,
+    """REPA's projector (docs/math.md §3c): ``Linear(D, P) SiLU Linear(P, P) SiLU Linear(P, D')`` per token,
     P = ``proj_dim`` (2048). A ``Sequential`` like REPA's ``build_mlp``, so its state-dict keys
-    (``0.weight`` ... ``4.bias``) match one entry of REPA's ``projectors``."""
+    (``0.weight`` ... ``4.bias``) match one entry of REPA's ``projectors``.
+
+    Argument order: ``REPAProjector(hidden_dim, feature_dim, proj_dim)``; REPA's own order
+    ``build_mlp(hidden_size, projector_dim, z_dim)`` is :meth:`from_repa`. A REPA SiT checkpoint's
+    ``projectors.N.*`` weights load with :meth:`load_repa_state_dict`.
+    """
+
+    @classmethod
+    def from_repa(cls, hidden_size: int, projector_dim: int, z_dim: int) -> REPAProjector:
+        """The projector in REPA's argument order, ``build_mlp(hidden_size, projector_dim, z_dim)``:
+        ``hidden_size`` = D (the SiT width), ``projector_dim`` = P (2048), ``z_dim`` = D' (the encoder's
+        feature dim, e.g. 768 for DINOv2-B)."""
+        return cls(hidden_size, z_dim, projector_dim)
+
+    def load_repa_state_dict(self, state_dict: Mapping[str, torch.Tensor], index: int = 0) -> None:
+        """Load ``projectors.{index}.*`` of a REPA SiT state dict (or of ``{"model": ...}`` / ``{"ema": ...}``
+        as REPA saves it: ``ema`` is preferred when both are present)."""
+        for key in ("ema", "model"):
+            if key in state_dict and isinstance(state_dict[key], Mapping):
+                state_dict = state_dict[key]
+                break
+        prefix = f"projectors.{index}."
+        own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if not own:
+            found = sorted({k.split(".")[1] for k in state_dict if k.startswith("projectors.")})
+            raise KeyError(f"no '{prefix}*' keys in the state dict (projectors present: {found or 'none'})")
+        self.load_state_dict(own)
 
     def __init__(self, hidden_dim: int, feature_dim: int, proj_dim: int = 2048) -> None:
         for name, value in (("hidden_dim", hidden_dim), ("feature_dim", feature_dim), ("proj_dim", proj_dim)):

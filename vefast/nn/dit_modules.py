@@ -1,14 +1,15 @@
-"""Fused drop-in modules for DiT / SiT / LightningDiT blocks (MATH.md §7), used by :mod:`vefast.nn.patch`.
+"""Fused drop-in modules for DiT / SiT / LightningDiT blocks (docs/math.md §7), used by :mod:`vefast.nn.patch`.
 
 Each fused module is built from the module it replaces and keeps that module's children under the
 same attribute names (``qkv``, ``proj``, ``q_norm``, ``norm1``, ``adaLN_modulation``, ``w12``, ...), so
 the Parameter objects are shared and ``state_dict`` keys are unchanged. Only ``forward`` differs:
 
 - :class:`FusedAttention`: qkv Linear -> (B, N, 3, H, hd) view -> ``vefast.ops.attention`` (no
-  permutes; q/k RMSNorm and 2D RoPE inside ``qk_norm_rope_attention`` when present) -> proj.
+  permutes; q/k RMSNorm or LayerNorm and 2D RoPE fused around SDPA by ``qk_norm_rope_attention`` when
+  present) -> proj. ``backend`` ("auto" | "sdpa" | "cuda") is passed to the attention ops.
 - :class:`FusedSwiGLUFFN`: ``w3(swiglu(w12(x)))``.
 - :class:`FusedDiTBlock`: ``norm_modulate`` for norm1 + modulate, the attention residual fused with
-  norm2 + modulate (``gated_residual(..., norm_modulate=...)``), then the MLP gated residual.
+  norm2 + modulate (``gated_residual_norm_modulate``), then the MLP gated residual (``gated_residual``).
 - :class:`FusedFinalLayer`: ``linear(norm_modulate(x, shift, scale))``.
 
 The ``describe_*`` helpers read a module's structure and return what the fused module needs, or a
@@ -21,8 +22,8 @@ import importlib
 import torch
 import torch.nn as nn
 
-from vefast.ops.gated_residual import gated_residual
-from vefast.ops.norm_modulate import NormModulateArgs, norm_modulate
+from vefast.ops.gated_residual import gated_residual, gated_residual_norm_modulate
+from vefast.ops.norm_modulate import norm_modulate
 from vefast.ops.swiglu import swiglu
 
 
@@ -65,6 +66,24 @@ def _norm_call(norm: nn.Module, spec: tuple[str, float]) -> dict:
     return {"norm": spec[0], "weight": getattr(norm, "weight", None), "eps": spec[1]}
 
 
+def describe_qk_norm(norm: nn.Module, head_dim: int) -> tuple[str, float] | str:
+    """(kind, eps) of a q/k norm that ``qk_norm_rope_attention`` computes -- ("none", 0) for Identity,
+    ("rms", eps) for an RMSNorm (optional weight, no bias), ("layer", eps) for ``nn.LayerNorm(head_dim)``
+    (timm's qk_norm; optional weight and bias) -- else the reason it is not supported."""
+    if isinstance(norm, nn.Identity):
+        return "none", 0.0
+    if isinstance(norm, nn.LayerNorm):
+        if tuple(norm.normalized_shape) != (head_dim,):
+            return f"LayerNorm over {tuple(norm.normalized_shape)}, expected ({head_dim},)"
+        return "layer", float(norm.eps)
+    spec = describe_norm(norm, head_dim)
+    return spec if isinstance(spec, str) else ("rms", spec[1])
+
+
+def _qk_params(norm: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    return getattr(norm, "weight", None), getattr(norm, "bias", None)
+
+
 def describe_attention(attn: nn.Module, *, allow_qk_norm: bool) -> str | None:
     """None when ``attn`` is a fused-qkv attention that :class:`FusedAttention` reproduces, else the reason."""
     qkv, proj = getattr(attn, "qkv", None), getattr(attn, "proj", None)
@@ -87,7 +106,7 @@ def describe_attention(attn: nn.Module, *, allow_qk_norm: bool) -> str | None:
             continue
         if not allow_qk_norm:
             return f"{name} (use patch_lightningdit for qk-norm)"
-        if isinstance(describe_norm(m, head_dim), str) and not isinstance(m, nn.LayerNorm):
+        if isinstance(describe_qk_norm(m, head_dim), str):
             return f"unsupported {name} {type(m).__name__}"
     return None
 
@@ -108,7 +127,7 @@ def describe_block(block: nn.Module, *, lightning: bool) -> str | None:
         spec = describe_norm(getattr(block, name), D, allow_rms=lightning)
         if isinstance(spec, str):
             return f"{name}: {spec}"
-    return describe_attention(block.attn, allow_qk_norm=lightning)
+    return describe_attention(block.attn, allow_qk_norm=True)  # every supported q/k norm fuses
 
 
 def describe_final_layer(layer: nn.Module, *, lightning: bool) -> str | None:
@@ -150,9 +169,14 @@ def _rope_tables(rope: object) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 class FusedAttention(nn.Module):
-    """Attention over the (B, N, 3, H, hd) qkv view with ``vefast.ops.attention`` (children shared with ``attn``)."""
+    """Attention over the (B, N, 3, H, hd) qkv view with ``vefast.ops.attention`` (children shared with ``attn``).
 
-    def __init__(self, attn: nn.Module):
+    q/k norms of one kind (both Identity, both RMSNorm-like or both LayerNorm, one eps, the same affine
+    parameters present) and RoPE modules with ``freqs_cos`` / ``freqs_sin`` tables run fused in
+    ``qk_norm_rope_attention``; anything else runs the modules eagerly around ``vefast.attention``.
+    """
+
+    def __init__(self, attn: nn.Module, backend: str = "auto"):
         super().__init__()
         _adopt(self, attn)
         for name in ("q_norm", "k_norm", "proj_drop"):
@@ -162,36 +186,27 @@ class FusedAttention(nn.Module):
         self.head_dim = getattr(attn, "head_dim", attn.qkv.out_features // 3 // attn.num_heads)
         self.scale = float(getattr(attn, "scale", self.head_dim ** -0.5))
         self.fused_attn = True
-        # q/k norms the fused kernel applies: both Identity, or both RMSNorm-like with one eps
-        specs = [m if isinstance(m, nn.Identity) else describe_norm(m, self.head_dim)
-                 for m in (self.q_norm, self.k_norm)]
-        rms = [s for s in specs if isinstance(s, tuple)]
-        self._qk_fusable = (all(isinstance(s, nn.Identity) or (isinstance(s, tuple) and s[0] == "rmsnorm") for s in specs)
-                            and len({s[1] for s in rms}) <= 1)
-        self._qk_eps = rms[0][1] if rms else 1e-6
-        self._has_qk_norm = bool(rms) or not all(isinstance(s, nn.Identity) for s in specs)
-
-    def _qk_weight(self, m: nn.Module) -> torch.Tensor | None:
-        if isinstance(m, nn.Identity):
-            return None
-        w = getattr(m, "weight", None)
-        return w if w is not None else torch.ones(self.head_dim, device=self.qkv.weight.device)
+        self.backend = backend
+        specs = [describe_qk_norm(m, self.head_dim) for m in (self.q_norm, self.k_norm)]
+        present = [tuple(p is not None for p in _qk_params(m)) for m in (self.q_norm, self.k_norm)]
+        fusable = isinstance(specs[0], tuple) and specs[0] == specs[1] and present[0] == present[1]
+        self._qk = specs[0] if fusable else None  # (kind, eps) of the fused q/k norm, None: eager modules
 
     def forward(self, x: torch.Tensor, rope: nn.Module | None = None) -> torch.Tensor:
         B, N, C = x.shape
         ops = _attention_ops()
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim)
         tables = _rope_tables(rope) if rope is not None else None
-        if self._qk_fusable and (rope is None or tables is not None) and (self._has_qk_norm or tables is not None):
-            out = ops.qk_norm_rope_attention(qkv, self._qk_weight(self.q_norm), self._qk_weight(self.k_norm), tables,
-                                             eps=self._qk_eps, scale=self.scale)
+        if self._qk is not None and (rope is None or tables is not None):
+            (qw, qb), (kw, kb) = _qk_params(self.q_norm), _qk_params(self.k_norm)
+            out = ops.qk_norm_rope_attention(qkv, qw, kw, tables, norm=self._qk[0], q_norm_bias=qb, k_norm_bias=kb,
+                                             eps=self._qk[1], scale=self.scale, backend=self.backend)
         else:
             q, k, v = qkv.unbind(2)
             q, k = self.q_norm(q), self.k_norm(k)
             if rope is not None:  # a rope module acts on (..., N, hd): apply it in the (B, H, N, hd) layout
                 q, k = rope(q.transpose(1, 2)).transpose(1, 2), rope(k.transpose(1, 2)).transpose(1, 2)
-                q, k = q.to(v.dtype), k.to(v.dtype)
-            out = ops.attention(q, k, v, scale=self.scale)
+            out = ops.attention(q.to(v.dtype), k.to(v.dtype), v, scale=self.scale, backend=self.backend)
         return self.proj_drop(self.proj(out.reshape(B, N, C)))
 
 
@@ -211,14 +226,14 @@ class FusedDiTBlock(nn.Module):
 
     forward(x, c, feat_rope=None):
         h      = norm_modulate(x, shift_msa, scale_msa)                  (norm1)
-        x, h2  = gated_residual(x, attn(h), gate_msa, norm_modulate=(shift_mlp, scale_mlp))   (norm2)
+        x, h2  = gated_residual_norm_modulate(x, attn(h), gate_msa, shift=shift_mlp, scale=scale_mlp)   (norm2)
         return   gated_residual(x, mlp(h2), gate_mlp)
     """
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, backend: str = "auto"):
         super().__init__()
-        _adopt(self, block, attn=block.attn if isinstance(block.attn, FusedAttention) else FusedAttention(block.attn),
-               mlp=FusedSwiGLUFFN(block.mlp) if is_swiglu_ffn(block.mlp) else block.mlp)
+        attn = block.attn if isinstance(block.attn, FusedAttention) else FusedAttention(block.attn, backend)
+        _adopt(self, block, attn=attn, mlp=FusedSwiGLUFFN(block.mlp) if is_swiglu_ffn(block.mlp) else block.mlp)
         D = self.adaLN_modulation[1].in_features
         self.wo_shift = self.adaLN_modulation[1].out_features == 4 * D
         self._specs = [describe_norm(n, D) for n in (self.norm1, self.norm2)]
@@ -231,8 +246,8 @@ class FusedDiTBlock(nn.Module):
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         h = norm_modulate(x, shift_msa, scale_msa, **_norm_call(self.norm1, self._specs[0]))
         a = self.attn(h, rope=feat_rope)
-        x, h = gated_residual(x, a, gate_msa, norm_modulate=NormModulateArgs(
-            shift_mlp, scale_mlp, **_norm_call(self.norm2, self._specs[1])))
+        x, h = gated_residual_norm_modulate(x, a, gate_msa, shift=shift_mlp, scale=scale_mlp,
+                                            **_norm_call(self.norm2, self._specs[1]))
         return gated_residual(x, self.mlp(h), gate_mlp)
 
 

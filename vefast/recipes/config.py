@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -155,14 +155,21 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {pair!r}: value is not valid YAML ({e})") from None
-        node = out
         parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {pair!r}: {part!r} was already set to a value")
+        node = _parent_mapping(out, parts, lambda part, _: f"--set {pair!r}: {part!r} was already set to a value")
         node[parts[-1]] = value
     return out
+
+
+def _parent_mapping(data: dict[str, Any], parts: list[str], clash: Callable[[str, Any], str]) -> dict[str, Any]:
+    """``data[parts[0]]...[parts[-2]]``, creating missing mappings on the way; :class:`ConfigError`
+    ``clash(part, value)`` where a key on the way holds something other than a mapping."""
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(clash(part, node))
+    return node
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -175,9 +182,62 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_config(cls: type[T], data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> T:
+def _pop_path(data: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.get(part)
+        if not isinstance(node, dict):
+            return False, None
+    if parts[-1] not in node:
+        return False, None
+    return True, node.pop(parts[-1])
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> bool:
+    """Set ``data[a][b]... = value``; False (nothing set) when the key is already there."""
+    parts = dotted.split(".")
+    node = _parent_mapping(data, parts, lambda part, value: f"config key {part!r}: expected a mapping, got {value!r}")
+    if parts[-1] in node:
+        return False
+    node[parts[-1]] = value
+    return True
+
+
+def migrate_renamed(cls: type, data: dict[str, Any], *, warn: bool = True) -> dict[str, Any]:
+    """Move keys a schema renamed (``cls.RENAMED``: old dotted key -> new dotted key) to their new place.
+
+    A config (YAML, ``--set``) using an old key keeps working, with a ``FutureWarning`` naming the new
+    key (``warn``; configs saved in older checkpoints migrate silently); giving both is an error.
+    """
+    renamed: dict[str, str] = getattr(cls, "RENAMED", {})
+    if not renamed:
+        return data
+    import copy
+    import warnings
+
+    data = copy.deepcopy(data)
+    for old, new in renamed.items():
+        found, value = _pop_path(data, old)
+        if not found:
+            continue
+        if not _set_path(data, new, value):
+            raise ConfigError(f"config key {old!r} was renamed to {new!r}: give only {new!r}")
+        if warn:
+            warnings.warn(f"config key {old!r} is deprecated: it is now {new!r} (same meaning); "
+                          f"the old name will stop working in a later release", FutureWarning, stacklevel=4)
+    for section in {old.split(".")[0] for old in renamed}:
+        if data.get(section) == {}:
+            del data[section]
+    return data
+
+
+def build_config(cls: type[T], data: dict[str, Any] | None = None, overrides: list[str] | None = None, *,
+                 warn_renamed: bool = True) -> T:
     """Build and check a config of schema ``cls`` from a dict plus ``--set`` overrides."""
-    merged = _merge(data or {}, parse_overrides(overrides))
+    # each source migrates on its own, so an old-named --set still overrides a new-named YAML key
+    merged = _merge(migrate_renamed(cls, data or {}, warn=warn_renamed),
+                    migrate_renamed(cls, parse_overrides(overrides), warn=warn_renamed))
     return _build(cls, merged)
 
 
@@ -204,17 +264,33 @@ def require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_train_batching(train: Any, positive: tuple[str, ...]) -> None:
+    """The checks every ``train`` section shares: each field of ``positive`` > 0, ``grad_accum`` divides
+    ``batch_size``, ``num_workers`` >= 0."""
+    for k in positive:
+        require(getattr(train, k) > 0, f"train.{k} must be > 0, got {getattr(train, k)}")
+    require(train.batch_size % train.grad_accum == 0,
+            f"train.grad_accum={train.grad_accum} must divide train.batch_size={train.batch_size} "
+            "(the per-GPU batch of one optimizer step, split into grad_accum micro-batches)")
+    require(train.num_workers >= 0, f"train.num_workers must be >= 0, got {train.num_workers}")
+
+
 def dump_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 __all__ = ["ConfigError", "load_config", "build_config", "parse_overrides", "config_to_dict",
-           "dump_config", "resolve_config_path", "require", "CONFIG_DIR"]
+           "dump_config", "resolve_config_path", "require", "CONFIG_DIR", "migrate_renamed", "saved_config",
+           "check_train_batching"]
 
 
-# keys that may change when a run is resumed: they do not alter the training trajectory
+# keys that may change when a run is resumed: they do not alter the training trajectory (grad_accum,
+# parallel, checkpointing and compile change float rounding at most: the data and every random draw stay
+# the same, and DDP and FSDP2 checkpoints have one format)
 RESUME_FREE_KEYS = ("train.steps", "train.log_every", "train.ckpt_every", "train.keep_checkpoints", "train.num_workers",
-                    "train.tensorboard", "train.val_every", "train.val_images", "sample")
+                    "train.tensorboard", "train.wandb", "train.val_every", "train.val_images", "train.device", "train.grad_accum",
+                    "train.parallel", "train.check_latent_stats", "model.grad_checkpointing", "model.compile",
+                    "model.init_from", "model.init_weights", "sample")
 
 
 def resume_mismatch(saved: dict[str, Any], current: dict[str, Any], free: tuple[str, ...] = RESUME_FREE_KEYS) -> list[str]:
@@ -234,11 +310,25 @@ def resume_mismatch(saved: dict[str, Any], current: dict[str, Any], free: tuple[
     return out
 
 
-def check_resume_config(saved: dict[str, Any] | None, cfg: Any, run_dir: str | Path) -> None:
-    """Raise :class:`ConfigError` when resuming ``run_dir`` with a config that changes the trajectory."""
+def saved_config(cls: type[T], saved: dict[str, Any], where: str | Path) -> T:
+    """The config a checkpoint was written with, read by this version's schema: renamed keys move to
+    their new names and keys added since take their defaults."""
+    try:
+        return build_config(cls, saved, warn_renamed=False)
+    except ConfigError as e:
+        raise ConfigError(f"the config saved in {str(where)!r} does not fit this version's schema ({e})") from None
+
+
+def check_resume_config(saved: dict[str, Any] | None, cfg: Any, run_dir: str | Path,
+                        fixed: tuple[str, ...] = ()) -> None:
+    """Raise :class:`ConfigError` when resuming ``run_dir`` with a config that changes the trajectory.
+    ``fixed``: free keys that this run's trajectory does depend on (``train.steps`` under a cosine
+    schedule that decays over the run)."""
     if saved is None:
         return
-    diff = resume_mismatch(saved, config_to_dict(cfg))
+    old = config_to_dict(saved_config(type(cfg), saved, run_dir))
+    free = tuple(k for k in RESUME_FREE_KEYS if k not in fixed)
+    diff = resume_mismatch(old, config_to_dict(cfg), free)
     if diff:
         raise ConfigError(f"--resume: config keys {diff} differ from those {str(run_dir)!r} was trained with "
-                          f"(see {Path(run_dir) / 'config.yaml'}); only {', '.join(RESUME_FREE_KEYS)} may change")
+                          f"(see {Path(run_dir) / 'config.yaml'}); only {', '.join(free)} may change")

@@ -190,26 +190,54 @@ def make_image_dataset(data_dir: str | None, synthetic: int | None, image_size: 
 
 LATENT_STATS = "stats.json"
 LATENT_INFO = "info.json"
+LIGHTNINGDIT_STATS = "latents_stats.pt"
 
 
 def read_latent_stats(latent_dir: str | Path) -> dict:
-    """``stats.json`` of a latent directory: per-channel ``mean`` / ``std`` lists and the count."""
-    f = Path(latent_dir) / LATENT_STATS
-    if not f.is_file():
-        raise ValueError(f"latents: {str(latent_dir)!r} has no {LATENT_STATS} (per-channel mean/std); "
-                         "write it with `vefast extract-latents` (it computes the stats over the extracted set)")
-    stats = json.loads(f.read_text())
+    """Per-channel ``mean`` / ``std`` lists of a latent directory: vefast's ``stats.json``, else
+    LightningDiT's ``latents_stats.pt`` (``{"mean", "std"}`` tensors of shape (1, C, 1, 1), read
+    weights-only). ``source`` says which file they came from."""
+    d = Path(latent_dir)
+    f = d / LATENT_STATS
+    if f.is_file():
+        stats = json.loads(f.read_text())
+    elif (d / LIGHTNINGDIT_STATS).is_file():
+        f = d / LIGHTNINGDIT_STATS
+        try:
+            raw = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle errors of every kind: name the file
+            raise ValueError(f"latents: {str(f)!r} is not a LightningDiT latent-stats file ({type(e).__name__}: {e})") from None
+        if not isinstance(raw, dict) or not all(isinstance(raw.get(k), torch.Tensor) for k in ("mean", "std")):
+            raise ValueError(f"latents: {str(f)!r} lacks 'mean' / 'std' tensors")
+        stats = {k: raw[k].double().flatten().tolist() for k in ("mean", "std")}
+        stats["format"] = "lightningdit"
+    else:
+        raise ValueError(f"latents: {str(latent_dir)!r} has no {LATENT_STATS} (per-channel mean/std) and no "
+                         f"LightningDiT {LIGHTNINGDIT_STATS}; write it with `vefast extract-latents` (it computes the "
+                         "stats over the extracted set)")
     for k in ("mean", "std"):
         if not isinstance(stats.get(k), list) or not stats[k]:
             raise ValueError(f"latents: {str(f)!r} lacks a per-channel {k!r} list")
     if any(s <= 0 for s in stats["std"]):
         raise ValueError(f"latents: {str(f)!r} has a non-positive std entry")
+    stats["source"] = f.name
     return stats
+
+
+def latent_shard_files(root: Path) -> list[Path]:
+    """vefast's ``shard-*.safetensors``, else every ``*.safetensors`` (LightningDiT's
+    ``latents_rank00_shard000.safetensors``), sorted by name."""
+    files = sorted(root.glob("shard-*.safetensors"))
+    return files or sorted(root.glob("*.safetensors"))
 
 
 class LatentShardDataset(Dataset):
     """Latents from ``DIR/shard-*.safetensors`` (keys ``latents`` (N, C, h, w), ``labels`` (N,) and
     optionally ``latents_flip``), normalized per channel with ``DIR/stats.json``: ``(z - mean) / std``.
+
+    LightningDiT's extracted latents (``extract_features.py``: ``*.safetensors`` with the same keys, and
+    ``latents_stats.pt``) read as they are. LightningDiT feeds ``(z - mean) / std * latent_multiplier``;
+    vefast's equivalent stats are ``std / latent_multiplier`` (its VA-VAE configs use 1.0: identical).
 
     Shards are opened lazily and read row by row (``safe_open``), so the set need not fit in memory.
     With ``flip=True`` and flipped latents present, index ``i >= N`` returns the flipped latent of ``i - N``.
@@ -223,10 +251,10 @@ class LatentShardDataset(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"latents: {str(self.root)!r} is not a directory")
-        self.files = sorted(self.root.glob("shard-*.safetensors"))
+        self.files = latent_shard_files(self.root)
         if not self.files:
-            raise ValueError(f"latents: no shard-*.safetensors files in {str(self.root)!r}")
-        stats = read_latent_stats(self.root)
+            raise ValueError(f"latents: no shard-*.safetensors (or LightningDiT *.safetensors) files in {str(self.root)!r}")
+        stats = self.stats = read_latent_stats(self.root)
         self.mean = torch.tensor(stats["mean"], dtype=torch.float32)[:, None, None]
         self.std = torch.tensor(stats["std"], dtype=torch.float32)[:, None, None]
         self.normalize = normalize
@@ -263,6 +291,16 @@ class LatentShardDataset(Dataset):
     def __len__(self) -> int:
         return self.base * (2 if self.flip else 1)
 
+    def labels(self) -> torch.Tensor:
+        """Every label of the set (N,) int64, read shard by shard (small: one int per latent)."""
+        from safetensors import safe_open
+
+        out = []
+        for f in self.files:
+            with safe_open(str(f), framework="pt") as h:
+                out.append(h.get_tensor("labels").long().flatten())
+        return torch.cat(out)
+
     def _handle(self, k: int):
         from safetensors import safe_open
 
@@ -291,3 +329,102 @@ class LatentShardDataset(Dataset):
         d = dict(self.__dict__)
         d["_handles"] = {}
         return d
+
+
+# ---------------------------------------------------------------------------------------------
+# images with horizontal flips, and precomputed DINOv2 features (``vefast extract-features``)
+
+class FlipDataset(Dataset):
+    """``dataset`` followed by its horizontally flipped copy: index ``i >= N`` is item ``i - N`` flipped
+    (as latent shards store flips). Batches then choose flips through the step sampler's permutation,
+    so a flip is part of the data position (no random draw) and precomputed features can follow it."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset, self.n = dataset, len(dataset)
+
+    def __len__(self) -> int:
+        return 2 * self.n
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < 2 * self.n:
+            raise IndexError(i)
+        flipped, j = divmod(i, self.n)
+        x, *rest = self.dataset[j]
+        return (x.flip(-1) if flipped else x, *rest)
+
+
+FEATURE_INFO = "info.json"
+
+
+class FeatureShards:
+    """DINOv2 features written by ``vefast extract-features``: ``DIR/feat-RRR-KKKKK.safetensors`` with
+    ``index`` (N,) dataset indices, ``patch`` (N, D', g, g), ``cls`` (N, D') and, with ``--flip``,
+    ``patch_flip`` / ``cls_flip``; ``DIR/info.json`` records how they were computed."""
+
+    def __init__(self, root: str | Path):
+        from safetensors import safe_open
+
+        self.root = Path(root)
+        info = self.root / FEATURE_INFO
+        if not info.is_file():
+            raise ValueError(f"features: {str(self.root)!r} has no {FEATURE_INFO}; write the features with "
+                             "`vefast extract-features`")
+        self.info = json.loads(info.read_text())
+        self.files = sorted(self.root.glob("feat-*.safetensors"))
+        n = int(self.info.get("num_images", 0))
+        self.file_of = np.full(n, -1, dtype=np.int32)
+        self.row_of = np.zeros(n, dtype=np.int64)
+        for k, f in enumerate(self.files):
+            with safe_open(str(f), framework="pt") as h:
+                idx = h.get_tensor("index").numpy()
+            if idx.size and (idx.min() < 0 or idx.max() >= n):
+                raise ValueError(f"features: {str(f)!r} holds indices outside [0, {n})")
+            self.file_of[idx] = k
+            self.row_of[idx] = np.arange(idx.size)
+        absent = int((self.file_of < 0).sum())
+        if absent:
+            raise ValueError(f"features: {str(self.root)!r} lacks the features of {absent} of its {n} images "
+                             "(an unfinished extraction?)")
+        self._handles: dict[int, object] = {}
+
+    def get(self, i: int, flipped: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        from safetensors import safe_open
+
+        k, row = int(self.file_of[i]), int(self.row_of[i])
+        h = self._handles.get(k)
+        if h is None:
+            h = self._handles[k] = safe_open(str(self.files[k]), framework="pt")
+        sfx = "_flip" if flipped else ""
+        return (h.get_slice("patch" + sfx)[row:row + 1][0].float(), h.get_slice("cls" + sfx)[row:row + 1][0].float())
+
+    def __getstate__(self):  # DataLoader workers open their own handles
+        d = dict(self.__dict__)
+        d["_handles"] = {}
+        return d
+
+
+class ImageFeatureDataset(Dataset):
+    """(image, label, patch features, class token) of ``dataset`` with its precomputed DINOv2
+    features; with ``flip`` the flipped copy follows (index ``>= N``), paired with the features of the
+    flipped image."""
+
+    def __init__(self, dataset: Dataset, features: FeatureShards, flip: bool = False):
+        n = len(dataset)
+        if int(features.info.get("num_images", -1)) != n:
+            raise ValueError(f"features: {str(features.root)!r} holds {features.info.get('num_images')} images, "
+                             f"the dataset {n}")
+        if flip and not features.info.get("flip"):
+            raise ValueError(f"features: train.flip needs the features of flipped images: {str(features.root)!r} "
+                             "was extracted without --flip")
+        self.dataset, self.features, self.n, self.flip = dataset, features, n, flip
+
+    def __len__(self) -> int:
+        return self.n * (2 if self.flip else 1)
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        flipped, j = divmod(i, self.n)
+        x, y = self.dataset[j]
+        patch, cls = self.features.get(j, bool(flipped))
+        return (x.flip(-1) if flipped else x), y, patch, cls

@@ -1,10 +1,17 @@
-"""torchrun DDP for the recipes: NCCL on GPUs, gloo on CPU; rank 0 writes.
+"""torchrun DDP / FSDP2 for the recipes: NCCL on GPUs, gloo on CPU; rank 0 writes.
 
 ``torchrun --nproc_per_node=N -m vefast.cli train-dit ...`` sets RANK / WORLD_SIZE / LOCAL_RANK;
 without them the run is a single process and nothing is initialized.
+
+DDP runs without ``find_unused_parameters``: the recipes' modules use every parameter in every
+forward they are called with (tested), so DDP skips the per-step graph traversal it would otherwise
+make, and an unused parameter is an error at the next step instead of a silent cost. FSDP2
+(``fully_shard`` per transformer block and at the root, ``train.parallel: fsdp``) keeps fp32 master
+weights and optimizer state sharded over the ranks and computes in bf16 on CUDA.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -85,13 +92,73 @@ def broadcast_object(obj, info: DistInfo):
 
 
 def wrap_ddp(model: torch.nn.Module, info: DistInfo, **kwargs) -> torch.nn.Module:
-    """``DistributedDataParallel(model)`` when distributed, else the model itself."""
+    """``DistributedDataParallel(model)`` when distributed, else the model itself (no
+    ``find_unused_parameters``: every parameter must take part in each forward's loss)."""
     if not info.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [info.device.index] if info.device.type == "cuda" else None
     return DDP(model, device_ids=ids, **kwargs)
+
+
+def fsdp_shard(module: torch.nn.Module, blocks, device: torch.device, precision: str) -> torch.nn.Module:
+    """FSDP2 in place: ``fully_shard`` each of ``blocks`` (the transformer blocks), then ``module`` (the
+    rest: embedders, final layer, projector). Parameters stay fp32 (the master weights, sharded over
+    the ranks, as is the optimizer state); on CUDA with ``precision == "bf16"`` they are all-gathered
+    in bf16 for compute and gradients are reduce-scattered in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from .config import ConfigError
+
+    if device.type == "cpu" and not hasattr(torch.cpu.Stream, "record_event"):  # FSDP2 records CPU stream events
+        raise ConfigError(f"train.parallel=fsdp on CPU (gloo) needs torch >= 2.7, this is torch {torch.__version__}: "
+                          "use train.parallel=ddp on CPU, or CUDA devices")
+    bf16 = device.type == "cuda" and precision == "bf16"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for block in blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(module, mp_policy=mp)
+    return module
+
+
+def is_fsdp(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+@contextlib.contextmanager
+def grad_sync(module: torch.nn.Module, enabled: bool):
+    """Gradient communication on (``enabled``) or off for the backward passes inside: off on the inner
+    micro-steps of gradient accumulation (DDP ``no_sync``; FSDP2 ``set_requires_gradient_sync``), so
+    only the last micro-step of an optimizer step communicates."""
+    if enabled:
+        yield
+        return
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if isinstance(module, DDP):
+        with module.no_sync():
+            yield
+    elif is_fsdp(module):
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a view of its storage), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "placements") else t
+
+
+def plain_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor (e.g. the total gradient norm under FSDP2) as a plain tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") and hasattr(t, "placements") else t
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -119,8 +186,6 @@ def reseed(seed: int, step: int, rank: int, device: torch.device) -> torch.Gener
 def autocast(device: torch.device, precision: str):
     """bf16 autocast on CUDA when ``precision == "bf16"``; a no-op context otherwise (CPU runs in fp32,
     which keeps CPU runs bitwise reproducible)."""
-    import contextlib
-
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision: expected 'bf16' or 'fp32', got {precision!r}")
     if device.type == "cuda" and precision == "bf16":

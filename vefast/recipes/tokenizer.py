@@ -5,18 +5,25 @@ Objective per step (LDM's ``LPIPSWithDiscriminator`` plus VA-VAE's VF term), los
     rec   = l1_weight |x - x_hat| + lpips_weight LPIPS(x, x_hat)          (per pixel, LDM)
     nll   = sum(rec / exp(s) + s) / B                                      (s: learned log-variance, LDM)
     L     = nll + latent + w_gan * g + w_align * align
-    latent: ve  -> vefast VE loss (MATH §2; lambda_var, lambda_reg, tau in the config)
-            kl  -> kl_weight * KL (MATH §1)
+    latent: ve  -> vefast VE loss (docs/math.md §2; lambda_var, lambda_reg, tau in the config)
+            kl  -> kl_weight * KL (docs/math.md §1)
     g     = -mean D(x_hat)  (hinge generator loss), active from ``loss.gan_start`` on
     w_gan = clamp(||grad nll|| / (||grad g|| + 1e-4), 0, 1e4) * gan_weight, grads at the decoder's conv_out
-    align: vf    -> vefast.vf_loss(z, DINOv2 patches, W) (MATH §3a); adaptive
+    align: vf    -> vefast.vf_loss(z, DINOv2 patches, W) (docs/math.md §3a); adaptive
                     w = clamp(||grad nll|| / (||grad vf|| + 1e-4), 0, 1e8) * vf_weight at the encoder's conv_out
-           reals -> ReaLS heads (MATH §3b), fixed weight
+           reals -> ReaLS heads (docs/math.md §3b), fixed weight
     D: hinge loss 0.5 (relu(1 - D(x)) + relu(1 + D(x_hat))), its own AdamW.
 
-AdamW(betas 0.5, 0.9), fixed lr (1e-4; VA-VAE notes that scaling it with the batch collapses VF
-training), gradient clipping, bf16 autocast for the networks on CUDA. Validation: PSNR, SSIM,
-LPIPS; the per-channel latent mean/std is saved with every checkpoint (``train-dit`` needs it).
+AdamW(betas 0.5, 0.9), lr 1e-4 (VA-VAE notes that scaling it with the batch collapses VF training),
+warm-up / cosine optional (``optim.schedule``), gradient clipping. Throughput on CUDA: bf16 autocast
+for the encoder, decoder, discriminator, LPIPS and DINOv2 (every loss in fp32), ``channels_last``
+convolutions, the fused VE and VF losses, optional ``torch.compile`` of the encoder and decoder,
+DINOv2 once per batch under ``no_grad`` at the latent grid (or its features read from ``vefast
+extract-features`` shards), and DDP without ``find_unused_parameters``: the generator step's DDP
+module (autoencoder, NLL log-variance, alignment head) and the discriminator's use every parameter
+in every forward. ``train.grad_accum`` splits a step's batch into micro-batches (DDP ``no_sync`` on
+all but the last). Validation: PSNR, SSIM, LPIPS; the per-channel latent mean/std is saved with every
+checkpoint (``train-dit`` checks its latents against it).
 """
 from __future__ import annotations
 
@@ -25,137 +32,22 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ConfigError, check_resume_config, config_to_dict, dump_config, load_config, require
+from .config import ConfigError, check_resume_config, config_to_dict, dump_config, load_config
+from .tokenizer_config import (TokenizerConfig, TokenizerLossConfig, TokenizerModelConfig,  # noqa: F401
+                               TokenizerOptimConfig, TokenizerTrainConfig, build_autoencoder)
+
+if TYPE_CHECKING:
+    from .metrics import NonFiniteGuard
 
 
 # ----------------------------------------------------------------------------------------------
-# config schema
-
-@dataclasses.dataclass
-class TokenizerModelConfig:
-    base_channels: int = 128
-    channel_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
-    num_res_blocks: int = 2
-    latent_channels: int = 32
-    norm_groups: int = 32
-    dropout: float = 0.0
-    mid_attn: bool = True
-
-    def check(self) -> None:
-        require(self.base_channels > 0, f"model.base_channels must be > 0, got {self.base_channels}")
-        require(len(self.channel_mult) >= 1 and all(m > 0 for m in self.channel_mult),
-                f"model.channel_mult must be positive integers, got {list(self.channel_mult)}")
-        require(self.latent_channels > 0, f"model.latent_channels must be > 0, got {self.latent_channels}")
-        require(self.num_res_blocks >= 1, f"model.num_res_blocks must be >= 1, got {self.num_res_blocks}")
-        for m in self.channel_mult:
-            require((self.base_channels * m) % self.norm_groups == 0,
-                    f"model.norm_groups={self.norm_groups} must divide every width base_channels*mult "
-                    f"({self.base_channels}*{m})")
-
-
-@dataclasses.dataclass
-class TokenizerLossConfig:
-    l1_weight: float = 1.0
-    lpips_weight: float = 1.0
-    lpips_net: Literal["vgg", "alex", "squeeze"] = "vgg"
-    lpips_pretrained: bool = True
-    logvar_init: float = 0.0
-    latent: Literal["ve", "kl"] = "ve"
-    latent_reduction: Literal["sum", "mean"] = "sum"
-    ve_lambda_var: float = 0.1
-    ve_lambda_reg: float = 1e-6
-    ve_tau: float = 1.0
-    ve_delta: float = 1e-6
-    kl_weight: float = 1e-6
-    gan_weight: float = 0.5
-    gan_start: int = 5000
-    disc_channels: int = 64
-    disc_layers: int = 3
-    disc_norm: Literal["batch", "group"] = "batch"
-    disc_lr: Optional[float] = None
-    align: Literal["vf", "reals", "none"] = "vf"
-    vf_weight: float = 0.1
-    vf_adaptive: bool = True
-    vf_margin_cos: float = 0.5
-    vf_margin_dms: float = 0.25
-    vf_weight_cos: float = 1.0
-    vf_weight_dms: float = 1.0
-    reals_weight: float = 0.5
-    reals_hidden: Optional[int] = None
-    dinov2: str = "vit_large_patch14_dinov2.lvd142m"
-    dinov2_checkpoint: Optional[str] = None
-    dinov2_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    dinov2_pretrained: bool = True
-    dinov2_resize: Literal["match_grid", "224"] = "match_grid"
-    dinov2_normalize: bool = True
-
-    def check(self) -> None:
-        for k in ("l1_weight", "lpips_weight", "kl_weight", "gan_weight", "vf_weight", "reals_weight",
-                  "ve_lambda_var", "ve_lambda_reg", "ve_delta"):
-            require(getattr(self, k) >= 0, f"loss.{k} must be >= 0, got {getattr(self, k)}")
-        require(self.ve_tau > 0, f"loss.ve_tau must be > 0, got {self.ve_tau}")
-        require(self.gan_start >= 0, f"loss.gan_start must be >= 0, got {self.gan_start}")
-        require(self.disc_layers >= 1, f"loss.disc_layers must be >= 1, got {self.disc_layers}")
-
-
-@dataclasses.dataclass
-class TokenizerTrainConfig:
-    image_size: int = 256
-    batch_size: int = 8
-    steps: int = 100_000
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.5, 0.9)
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    precision: Literal["bf16", "fp32"] = "bf16"
-    num_workers: int = 4
-    flip: bool = False
-    synthetic_classes: int = 10
-    log_every: int = 50
-    ckpt_every: int = 5000
-    keep_checkpoints: int = 3
-    val_every: int = 5000
-    val_images: int = 64
-    stats_images: int = 256
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    tensorboard: bool = False
-
-    def check(self) -> None:
-        for k in ("image_size", "batch_size", "steps", "log_every", "ckpt_every", "val_every", "val_images", "stats_images"):
-            require(getattr(self, k) > 0, f"train.{k} must be > 0, got {getattr(self, k)}")
-        require(self.lr > 0, f"train.lr must be > 0, got {self.lr}")
-        require(self.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables), got {self.grad_clip}")
-        require(self.num_workers >= 0, f"train.num_workers must be >= 0, got {self.num_workers}")
-
-
-@dataclasses.dataclass
-class TokenizerConfig:
-    seed: int = 0
-    model: TokenizerModelConfig = dataclasses.field(default_factory=TokenizerModelConfig)
-    loss: TokenizerLossConfig = dataclasses.field(default_factory=TokenizerLossConfig)
-    train: TokenizerTrainConfig = dataclasses.field(default_factory=TokenizerTrainConfig)
-
-    def check(self) -> None:
-        f = 2 ** (len(self.model.channel_mult) - 1)
-        require(self.train.image_size % f == 0,
-                f"train.image_size={self.train.image_size} must be a multiple of the downsampling factor {f} "
-                f"(len(model.channel_mult) - 1 = {len(self.model.channel_mult) - 1} halvings)")
-
-
-# ----------------------------------------------------------------------------------------------
-# model pieces
-
-def build_autoencoder(cfg: TokenizerModelConfig):
-    from ..models.tokenizer import AutoencoderKL
-
-    return AutoencoderKL(**dataclasses.asdict(cfg))
-
+# model pieces (the config schema lives in tokenizer_config.py and is re-exported here)
 
 class TokenizerTrainModule(nn.Module):
     """Everything trained with the autoencoder's optimizer, in one ``forward`` (so DDP sees it):
@@ -213,18 +105,20 @@ class TokenizerTrainModule(nn.Module):
 def adaptive_weight(main_loss: torch.Tensor, other_loss: torch.Tensor, layer: torch.Tensor, *,
                     max_value: float, scale: float) -> torch.Tensor:
     """``clamp(||d main / d layer|| / (||d other / d layer|| + 1e-4), 0, max_value) * scale``, detached
-    (LDM's GAN weight with max 1e4; VA-VAE's VF weight with max 1e8, MATH §3a)."""
+    (LDM's GAN weight with max 1e4; VA-VAE's VF weight with max 1e8, docs/math.md §3a)."""
     g_main = torch.autograd.grad(main_loss, layer, retain_graph=True)[0]
     g_other = torch.autograd.grad(other_loss, layer, retain_graph=True)[0]
     w = torch.norm(g_main.float()) / (torch.norm(g_other.float()) + 1e-4)
     return torch.clamp(w, 0.0, max_value).detach() * scale
 
 
-def dinov2_targets(dino, x: torch.Tensor, grid: tuple[int, int], lc: TokenizerLossConfig):
-    """Frozen DINOv2 (patch (B, D', h, w), cls (B, D')) at the latent grid, in fp32."""
+def dinov2_targets(dino, x: torch.Tensor, grid: tuple[int, int], lc: TokenizerLossConfig, precision: str = "fp32"):
+    """Frozen DINOv2 (patch (B, D', h, w), cls (B, D')) at the latent grid, under ``no_grad`` and bf16
+    autocast on CUDA, returned in fp32 (the alignment losses run in fp32)."""
     from .. import dinov2_features
+    from .distributed import autocast
 
-    with torch.no_grad():
+    with torch.no_grad(), autocast(x.device, precision):
         patch, cls = dinov2_features(dino, x, grid=grid, resize=lc.dinov2_resize, normalize=lc.dinov2_normalize)
     return patch.float(), cls.float()
 
@@ -235,6 +129,22 @@ def load_dino(lc: TokenizerLossConfig, device: torch.device):
     model = load_dinov2(lc.dinov2, checkpoint=lc.dinov2_checkpoint, pretrained=lc.dinov2_pretrained,
                         **lc.dinov2_kwargs)
     return model.to(device).eval().requires_grad_(False)
+
+
+FEATURE_KEYS = ("dinov2", "dinov2_checkpoint", "dinov2_kwargs", "dinov2_pretrained", "dinov2_resize", "dinov2_normalize")
+
+
+def feature_mismatch(info: dict, cfg: TokenizerConfig, grid: tuple[int, int]) -> list[str]:
+    """How precomputed features (their ``info.json``) differ from what this config would compute."""
+    lc, out = cfg.loss, []
+    for k in FEATURE_KEYS:
+        if info.get(k) != getattr(lc, k):
+            out.append(f"loss.{k}: features {info.get(k)!r}, config {getattr(lc, k)!r}")
+    if list(info.get("grid", [])) != list(grid):
+        out.append(f"latent grid: features {info.get('grid')}, config {list(grid)}")
+    if info.get("image_size") != cfg.train.image_size:
+        out.append(f"train.image_size: features {info.get('image_size')}, config {cfg.train.image_size}")
+    return out
 
 
 def dino_feature_dim(dino) -> int:
@@ -250,8 +160,9 @@ def dino_feature_dim(dino) -> int:
 
 @torch.no_grad()
 def evaluate(ae, lpips_model, images: torch.Tensor, device: torch.device, batch_size: int,
-             precision: str) -> dict[str, float]:
-    """PSNR / SSIM / LPIPS of posterior-mode reconstructions of ``images`` (N, 3, H, W) in [-1, 1]."""
+             precision: str, grid: Path | None = None) -> dict[str, float]:
+    """PSNR / SSIM / LPIPS of posterior-mode reconstructions of ``images`` (N, 3, H, W) in [-1, 1];
+    ``grid``: also write the first batch's inputs (top row) and reconstructions (below) there as a PNG."""
     from ..nn import DiagonalGaussianDistribution
     from .distributed import autocast
     from .metrics import psnr, ssim
@@ -263,6 +174,10 @@ def evaluate(ae, lpips_model, images: torch.Tensor, device: torch.device, batch_
         with autocast(device, precision):
             z = DiagonalGaussianDistribution(ae.encode(x).float()).mode()
             r = ae.decode(z).float().clamp(-1, 1)
+        if grid is not None and i == 0:
+            from .images import save_reconstruction_grid
+
+            save_reconstruction_grid(x, r, grid)
         ps.append(psnr(r, x).cpu())
         ss.append(ssim(r, x).cpu())
         if lpips_model is not None:
@@ -301,11 +216,160 @@ def latent_stats(ae, images: torch.Tensor, device: torch.device, batch_size: int
     return {"mean": mean.tolist(), "std": std.tolist(), "count": n, "mode": mode}
 
 
-def fixed_images(dataset, n: int, *, from_end: bool = True) -> torch.Tensor:
-    """The first / last ``n`` images of ``dataset`` stacked (validation and stats sets, fixed across runs)."""
+def fixed_images(dataset, n: int, *, from_end: bool = True, spread: bool = False) -> torch.Tensor:
+    """``n`` images of ``dataset`` stacked, fixed across runs: the last ``n`` (validation), the first
+    ``n``, or ``spread`` evenly over the set (the latent-stats set: a class-sorted folder's first images
+    would all be one class)."""
     n = min(n, len(dataset))
-    idx = range(len(dataset) - n, len(dataset)) if from_end else range(n)
+    if spread:
+        idx = [i * len(dataset) // n for i in range(n)]
+    else:
+        idx = range(len(dataset) - n, len(dataset)) if from_end else range(n)
     return torch.stack([dataset[i][0] for i in idx])
+
+
+# ----------------------------------------------------------------------------------------------
+# one training step
+
+@dataclasses.dataclass
+class TokenizerStep:
+    """Everything one training step touches (built by :func:`train`)."""
+    cfg: TokenizerConfig
+    module: TokenizerTrainModule
+    ddp_module: nn.Module  # ``module``, DDP-wrapped when distributed
+    disc: nn.Module
+    ddp_disc: nn.Module
+    opt: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    dino: Optional[nn.Module]
+    lpips_model: Optional[nn.Module]
+    grid: tuple[int, int]
+    device: torch.device
+    rank: int
+    guard: NonFiniteGuard
+    base_lrs: list[list[float]] = dataclasses.field(default_factory=list)  # [ae groups, disc groups]
+
+
+def _generator_loss(run: TokenizerStep, x: torch.Tensor, patch: torch.Tensor | None, cls: torch.Tensor | None,
+                    gan_on: bool) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor]:
+    """The autoencoder's loss on one (micro-)batch, its logs (device tensors or numbers) and the
+    detached reconstruction (the discriminator's fake input). The adaptive weights use this batch's
+    gradients, as each rank's do under DDP."""
+    from .distributed import autocast
+
+    lc, tc, device = run.cfg.loss, run.cfg.train, run.device
+    module = run.module
+    res = run.ddp_module(x, patch, cls, tc.precision)
+    recon = res["recon"]
+    rec = lc.l1_weight * (x - recon).abs()
+    p_loss = None
+    if run.lpips_model is not None:
+        with autocast(device, tc.precision):
+            p_loss = run.lpips_model(recon, x).float()  # (B, 1, 1, 1), broadcast per pixel as in LDM
+        rec = rec + lc.lpips_weight * p_loss
+    nll = (rec / torch.exp(res["logvar"]) + res["logvar"]).sum() / x.shape[0]
+    loss = nll + res["latent_loss"]
+    logs: dict[str, Any] = {"nll": nll.detach(), "rec_l1": (x - recon).abs().mean().detach(),
+                            "latent": res["latent_loss"].detach()}
+    if gan_on:
+        run.disc.requires_grad_(False)
+        with autocast(device, tc.precision):
+            logits_fake = run.disc(recon)
+        g_loss = -logits_fake.float().mean()
+        w_gan = adaptive_weight(nll, g_loss, module.ae.decoder_last_layer(), max_value=1e4, scale=lc.gan_weight)
+        run.disc.requires_grad_(True)
+        loss = loss + w_gan * g_loss
+        logs.update(g_loss=g_loss.detach(), w_gan=w_gan)
+    if lc.align == "vf":
+        if lc.vf_adaptive:
+            w_vf = adaptive_weight(nll, res["align_loss"], module.ae.encoder_last_layer(), max_value=1e8,
+                                   scale=lc.vf_weight)
+        else:
+            w_vf = lc.vf_weight  # a number: a tensor made on the device here would be a blocking copy
+        loss = loss + w_vf * res["align_loss"]
+        logs.update(vf=res["align_loss"].detach(), vf_cos=res["align_cos"], vf_dms=res["align_dms"], w_vf=w_vf)
+    elif lc.align == "reals":
+        loss = loss + lc.reals_weight * res["align_loss"]
+        logs.update(reals=res["align_loss"].detach(), reals_cos=res["align_cos"], reals_smooth=res["align_smooth"])
+    if p_loss is not None:
+        logs["lpips"] = p_loss.mean().detach()
+    logs["std_mean"] = res["std"].mean()
+    return loss, logs, recon.detach()
+
+
+def _disc_loss(run: TokenizerStep, x: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """Hinge loss of the discriminator on real ``x`` and detached reconstructions ``fake`` (two forwards,
+    as LDM, so BatchNorm sees real and fake batches apart)."""
+    from .distributed import autocast
+
+    with autocast(run.device, run.cfg.train.precision):
+        real = run.ddp_disc(x)
+        logits_fake = run.ddp_disc(fake)
+    return 0.5 * (F.relu(1.0 - real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean())
+
+
+def _accumulate(total: dict[str, Any], part: dict[str, Any], weight: float) -> None:
+    for k, v in part.items():
+        total[k] = v * weight if k not in total else total[k] + v * weight
+
+
+def train_step(run: TokenizerStep, batch, step: int) -> dict[str, torch.Tensor | float]:
+    """Autoencoder step ``step`` (0-based) on this rank's ``batch`` (images, labels[, DINOv2 patch
+    features, class tokens]), then the discriminator's once the GAN is on, with no device->host read:
+    returns the logs as device tensors (read at log steps) and feeds the losses and gradient norm to
+    ``run.guard``. ``train.grad_accum`` micro-batches each backpropagate ``loss / grad_accum`` (DDP
+    syncs on the last only); logs are their means. Every random draw comes from
+    ``reseed(seed, step, rank)`` (bitwise resume); flips are part of the data (``FlipDataset``)."""
+    from .distributed import grad_sync, reseed
+    from .schedule import apply_lr, lr_factor
+
+    cfg, lc, tc, oc, device = run.cfg, run.cfg.loss, run.cfg.train, run.cfg.optim, run.device
+    reseed(cfg.seed, step, run.rank, device)
+    x = batch[0].to(device, non_blocking=True)
+    if tc.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    patch = cls = None
+    if len(batch) > 2:  # precomputed DINOv2 features
+        patch, cls = batch[2].to(device, non_blocking=True).float(), batch[3].to(device, non_blocking=True).float()
+    elif run.dino is not None:  # once for the whole batch, before it is split into micro-batches
+        patch, cls = dinov2_targets(run.dino, x, run.grid, lc, tc.precision)
+    factor = lr_factor(step, oc, tc.steps)
+    apply_lr([run.opt, run.opt_d], run.base_lrs, factor)
+    gan_on = lc.gan_weight > 0 and step >= lc.gan_start
+    k = tc.grad_accum
+    mb = x.shape[0] // k
+    parts = [slice(i * mb, (i + 1) * mb) for i in range(k)]
+    logs: dict[str, Any] = {}
+    fakes = []
+    run.opt.zero_grad(set_to_none=True)
+    for i, sl in enumerate(parts):
+        with grad_sync(run.ddp_module, i == k - 1):
+            loss, part, fake = _generator_loss(run, x[sl], None if patch is None else patch[sl],
+                                               None if cls is None else cls[sl], gan_on)
+            (loss / k).backward()
+        part["loss"] = loss.detach()
+        _accumulate(logs, part, 1.0 / k)
+        fakes.append(fake)
+    gnorm = torch.nn.utils.clip_grad_norm_(run.module.parameters(), oc.grad_clip) if oc.grad_clip > 0 else None
+    if gnorm is not None:
+        logs["grad_norm"] = gnorm
+    run.opt.step()
+
+    d_loss = None
+    if gan_on:
+        run.opt_d.zero_grad(set_to_none=True)
+        for i, sl in enumerate(parts):
+            with grad_sync(run.ddp_disc, i == k - 1):
+                d = _disc_loss(run, x[sl], fakes[i])
+                (d / k).backward()
+            d_loss = d.detach() / k if d_loss is None else d_loss + d.detach() / k
+        if oc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(run.disc.parameters(), oc.grad_clip)
+        run.opt_d.step()
+        logs["d_loss"] = d_loss
+    logs["lr"] = oc.lr * factor
+    run.guard.update(step + 1, loss=logs["loss"], grad_norm=gnorm, d_loss=d_loss)
+    return logs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,35 +385,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--synthetic", type=int, metavar="N", help="use N procedurally generated images instead")
     parser.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, config.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in an --out that holds a run (deletes its checkpoints, metrics, samples)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                        help="where to train (sets train.device; default: the config's, auto = CUDA when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(args: argparse.Namespace) -> int:
+    overrides = list(args.set) + ([f"train.device={args.device}"] if args.device else [])
     try:
-        cfg = load_config(TokenizerConfig, args.config, args.set)
+        cfg = load_config(TokenizerConfig, args.config, overrides)
         if args.data is None and args.synthetic is None:
             raise ConfigError("train-tokenizer: give --data DIR or --synthetic N")
         if args.data is not None and not Path(args.data).is_dir():
             raise ConfigError(f"--data {args.data!r}: no such directory")
+        return train(cfg, out=Path(args.out), data=args.data, synthetic=args.synthetic, resume=args.resume,
+                     overwrite=args.overwrite, progress=not args.no_progress)
     except ConfigError as e:
         print(f"vefast train-tokenizer: {e}", file=sys.stderr)
         return 2
-    return train(cfg, out=Path(args.out), data=args.data, synthetic=args.synthetic, resume=args.resume,
-                 progress=not args.no_progress)
+
+
+def _training_data(cfg: TokenizerConfig, base, grid: tuple[int, int]):
+    """(training dataset, DINOv2 feature dim from the feature shards or None): flips as a doubled set,
+    precomputed features paired with their (possibly flipped) images."""
+    from .data import FeatureShards, FlipDataset, ImageFeatureDataset
+
+    lc, tc = cfg.loss, cfg.train
+    if lc.dinov2_features is None:
+        return (FlipDataset(base) if tc.flip else base), None
+    try:
+        shards = FeatureShards(lc.dinov2_features)
+        bad = feature_mismatch(shards.info, cfg, grid)
+        if bad:
+            raise ConfigError(f"loss.dinov2_features {lc.dinov2_features!r} were computed differently from what "
+                              f"this config asks: {'; '.join(bad)}")
+        return ImageFeatureDataset(base, shards, flip=tc.flip), int(shards.info["feature_dim"])
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def train(cfg: TokenizerConfig, *, out: Path, data: str | None = None, synthetic: int | None = None,
-          resume: bool = False, progress: bool = True) -> int:
-    from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+          resume: bool = False, overwrite: bool = False, progress: bool = True) -> int:
+    from ..models.tokenizer import NLayerDiscriminator
+    from .checkpoint import check_run_dir, clear_run_dir, latest_checkpoint, load_checkpoint, save_checkpoint
     from .data import make_image_dataset, step_loader
-    from .distributed import autocast, barrier, cleanup, init_distributed, replica_divergence, reseed, wrap_ddp
-    from .metrics import JSONLLogger, Progress, build_lpips, lpips_check
+    from .distributed import barrier, cleanup, init_distributed, replica_divergence, wrap_ddp
+    from .metrics import JSONLLogger, NonFiniteGuard, Progress, build_lpips, log_train_step, lpips_check
+    from .schedule import base_lrs
 
-    tc, lc = cfg.train, cfg.loss
+    tc, lc, oc = cfg.train, cfg.loss, cfg.optim
     # --- everything that can fail, before any step ---------------------------------------------
+    check_run_dir(out, resume=resume, overwrite=overwrite, command="train-tokenizer")
     if lc.lpips_weight > 0:
         lpips_check(lc.lpips_net, lc.lpips_pretrained)
-    dataset = make_image_dataset(data, synthetic, tc.image_size, tc.synthetic_classes, cfg.seed)
+    base = make_image_dataset(data, synthetic, tc.image_size, tc.synthetic_classes, cfg.seed)
+    f = 2 ** (len(cfg.model.channel_mult) - 1)
+    grid = (tc.image_size // f, tc.image_size // f)
+    dataset, feature_dim = _training_data(cfg, base, grid)
     dist_info = init_distributed(tc.device)
     device = dist_info.device
     if len(dataset) < tc.batch_size * dist_info.world_size:
@@ -362,18 +456,25 @@ def train(cfg: TokenizerConfig, *, out: Path, data: str | None = None, synthetic
             raise ConfigError(f"--resume: {str(out)!r} has no checkpoint to resume from")
         ckpt = load_checkpoint(out)
         start_step = ckpt.step
-        check_resume_config(ckpt.meta.get("config"), cfg, out)
+        check_resume_config(ckpt.meta.get("config"), cfg, out,
+                            fixed=("train.steps",) if oc.depends_on_run_length() else ())
 
-    torch.manual_seed(cfg.seed)
-    dino = load_dino(lc, device) if lc.align != "none" else None
-    feature_dim = dino_feature_dim(dino) if dino is not None else None
+    dino = None
+    if lc.align != "none" and lc.dinov2_features is None:
+        torch.manual_seed(cfg.seed)  # a random-init DINOv2 (tests) is the same as extract-features'
+        dino = load_dino(lc, device)
+        feature_dim = dino_feature_dim(dino)
+    torch.manual_seed(cfg.seed)  # the trained modules' init: the same with online or precomputed DINOv2
     module = TokenizerTrainModule(cfg, feature_dim).to(device)
-    from ..models.tokenizer import NLayerDiscriminator
-
     disc = NLayerDiscriminator(3, lc.disc_channels, lc.disc_layers, lc.disc_norm).to(device)
     lpips_model = build_lpips(lc.lpips_net, lc.lpips_pretrained).to(device) if lc.lpips_weight > 0 else None
-    opt = torch.optim.AdamW(module.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=lc.disc_lr or tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    if tc.channels_last:
+        for m in (module, disc, lpips_model):
+            if m is not None:
+                m.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(module.parameters(), lr=oc.lr, betas=oc.betas, weight_decay=oc.weight_decay)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=oc.disc_lr or oc.lr, betas=oc.betas, weight_decay=oc.weight_decay)
+    lrs = base_lrs([opt, opt_d])  # before a checkpoint's (scheduled) lrs load
     if ckpt is not None:
         sd = {f"ae.{k}": v for k, v in ckpt.tensors("model").items()}
         sd.update(ckpt.tensors("aux"))
@@ -381,17 +482,25 @@ def train(cfg: TokenizerConfig, *, out: Path, data: str | None = None, synthetic
         disc.load_state_dict(ckpt.tensors("disc"))
         opt.load_state_dict(ckpt.state("opt"))
         opt_d.load_state_dict(ckpt.state("opt_disc"))
+    if cfg.model.compile:
+        module.ae.encoder.compile()
+        module.ae.decoder.compile()
     ddp_module = wrap_ddp(module, dist_info)
-    ddp_disc = wrap_ddp(disc, dist_info)
+    # The discriminator runs in train mode only: its BatchNorm running statistics are never read. DDP's
+    # default buffer broadcast at each forward would overwrite them in place between the real and the
+    # fake forward, which autograd saved for the backward (an error), and costs a collective per forward.
+    ddp_disc = wrap_ddp(disc, dist_info, broadcast_buffers=False)
 
-    f = module.ae.downsample_factor
-    grid = (tc.image_size // f, tc.image_size // f)
     if dist_info.is_main:
+        if overwrite:
+            clear_run_dir(out)
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
-    log = JSONLLogger(out / "metrics.jsonl", enabled=dist_info.is_main, tensorboard=tc.tensorboard)
-    val_images = fixed_images(dataset, tc.val_images) if dist_info.is_main else None
-    stats_images = fixed_images(dataset, tc.stats_images, from_end=False) if dist_info.is_main else None
+    log = JSONLLogger(out / "metrics.jsonl", enabled=dist_info.is_main, tensorboard=tc.tensorboard,
+                      wandb=tc.wandb, config=config_to_dict(cfg),
+                      resume_step=start_step if resume else None)
+    val_images = fixed_images(base, tc.val_images) if dist_info.is_main else None
+    stats_images = fixed_images(base, tc.stats_images, spread=True) if dist_info.is_main else None
     loader = step_loader(dataset, tc.batch_size, seed=cfg.seed, rank=dist_info.rank, world_size=dist_info.world_size,
                          start_step=start_step, stop_step=tc.steps, num_workers=tc.num_workers,
                          pin_memory=device.type == "cuda")
@@ -400,96 +509,40 @@ def train(cfg: TokenizerConfig, *, out: Path, data: str | None = None, synthetic
 
     def save(step: int) -> None:
         if dist_info.is_main:
-            stats = latent_stats(module.ae, stats_images, device, tc.batch_size, tc.precision, seed=cfg.seed)
             sd = module.state_dict()
-            save_checkpoint(out, step, tensors={
-                "model": {k[3:]: v for k, v in sd.items() if k.startswith("ae.")},
-                "aux": {k: v for k, v in sd.items() if not k.startswith("ae.")},
-                "disc": disc.state_dict()},
-                states={"opt": opt.state_dict(), "opt_disc": opt_d.state_dict()},
-                meta={"kind": "tokenizer", "config": config_to_dict(cfg), "data_position": step,
-                      "rng": {"scheme": "reseed(seed, step, rank)", "seed": cfg.seed},
-                      "world_size": dist_info.world_size, "latent_stats": stats}, keep=tc.keep_checkpoints)
+            tensors = {"model": {k[3:]: v for k, v in sd.items() if k.startswith("ae.")},
+                       "aux": {k: v for k, v in sd.items() if not k.startswith("ae.")}, "disc": disc.state_dict()}
+            states = {"opt": opt.state_dict(), "opt_disc": opt_d.state_dict()}
+            run.guard.check_save(step, **tensors, **states)
+            stats = latent_stats(module.ae, stats_images, device, tc.batch_size, tc.precision, seed=cfg.seed)
+            meta = {"kind": "tokenizer", "config": config_to_dict(cfg), "data_position": step,
+                    "rng": {"scheme": "reseed(seed, step, rank); flips are data (FlipDataset index >= N)",
+                            "seed": cfg.seed, "kernel_seeds": "draw_seed(default CPU generator, reseeded per step)"},
+                    "world_size": dist_info.world_size, "latent_stats": stats}
+            save_checkpoint(out, step, tensors=tensors, states=states, meta=meta, keep=tc.keep_checkpoints)
             (out / "latent_stats.json").write_text(json.dumps(stats, indent=1))
         barrier(dist_info)
 
+    run = TokenizerStep(cfg=cfg, module=module, ddp_module=ddp_module, disc=disc, ddp_disc=ddp_disc, opt=opt,
+                        opt_d=opt_d, dino=dino, lpips_model=lpips_model, grid=grid, device=device, rank=dist_info.rank,
+                        guard=NonFiniteGuard("train-tokenizer", device), base_lrs=lrs)
     step = start_step
     module.train()
     disc.train()
-    for x, _labels in loader:
-        gen = reseed(cfg.seed, step, dist_info.rank, device)
-        x = x.to(device, non_blocking=True)
-        if tc.flip:
-            flip = torch.rand(x.shape[0], generator=gen, device=device) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        patch = cls = None
-        if dino is not None:
-            patch, cls = dinov2_targets(dino, x, grid, lc)
-        res = ddp_module(x, patch, cls, tc.precision)
-        recon = res["recon"]
-        rec = lc.l1_weight * (x - recon).abs()
-        p_loss = None
-        if lpips_model is not None:
-            p_loss = lpips_model(recon, x)  # (B, 1, 1, 1), broadcast per pixel as in LDM
-            rec = rec + lc.lpips_weight * p_loss
-        nll = (rec / torch.exp(res["logvar"]) + res["logvar"]).sum() / x.shape[0]
-        loss = nll + res["latent_loss"]
-        logs = {"nll": nll.detach(), "rec_l1": (x - recon).abs().mean().detach(), "latent": res["latent_loss"].detach()}
-        gan_on = lc.gan_weight > 0 and step >= lc.gan_start
-        if gan_on:
-            disc.requires_grad_(False)
-            with autocast(device, tc.precision):
-                logits_fake = disc(recon)
-            g_loss = -logits_fake.float().mean()
-            w_gan = adaptive_weight(nll, g_loss, module.ae.decoder_last_layer(), max_value=1e4, scale=lc.gan_weight)
-            disc.requires_grad_(True)
-            loss = loss + w_gan * g_loss
-            logs.update(g_loss=g_loss.detach(), w_gan=w_gan)
-        if lc.align == "vf":
-            if lc.vf_adaptive:
-                w_vf = adaptive_weight(nll, res["align_loss"], module.ae.encoder_last_layer(), max_value=1e8,
-                                       scale=lc.vf_weight)
-            else:
-                w_vf = torch.tensor(lc.vf_weight, device=device)
-            loss = loss + w_vf * res["align_loss"]
-            logs.update(vf=res["align_loss"].detach(), vf_cos=res["align_cos"], vf_dms=res["align_dms"], w_vf=w_vf)
-        elif lc.align == "reals":
-            loss = loss + lc.reals_weight * res["align_loss"]
-            logs.update(reals=res["align_loss"].detach(), reals_cos=res["align_cos"], reals_smooth=res["align_smooth"])
-        if p_loss is not None:
-            logs["lpips"] = p_loss.mean().detach()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"train-tokenizer: non-finite loss {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip > 0:
-            logs["grad_norm"] = torch.nn.utils.clip_grad_norm_(module.parameters(), tc.grad_clip)
-        opt.step()
-
-        if gan_on:
-            with autocast(device, tc.precision):
-                real = ddp_disc(x)
-                fake = ddp_disc(recon.detach())
-            d_loss = 0.5 * (F.relu(1.0 - real.float()).mean() + F.relu(1.0 + fake.float()).mean())
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            if tc.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(disc.parameters(), tc.grad_clip)
-            opt_d.step()
-            logs["d_loss"] = d_loss.detach()
-        logs["loss"] = loss.detach()
+    for batch in loader:
+        logs = train_step(run, batch, step)  # device tensors: read at log steps only
         step += 1
-        img_s = bar.update(step, loss=float(loss.detach()))
-        if step % tc.log_every == 0 or step == tc.steps:
-            log.log(step, **{k: float(v) for k, v in logs.items()}, img_per_s=img_s,
-                    std_mean=float(res["std"].mean()))
+        log_train_step(step, tc.steps, tc.log_every, logs, run.guard, bar, log)
         if dist_info.is_main and (step % tc.val_every == 0 or step == tc.steps):
+            run.guard.check(step)
             log.log(step, **{f"val_{k}": v for k, v in evaluate(module.ae, lpips_model, val_images, device,
-                                                                  tc.batch_size, tc.precision).items()})
+                                                                  tc.batch_size, tc.precision,
+                                                                  grid=out / "samples" / f"recon-step-{step:08d}.png").items()})
         if step % tc.ckpt_every == 0 or step == tc.steps:
             if dist_info.distributed:
                 log.log(step, replica_max_abs_diff=max(replica_divergence(module, dist_info),
                                                        replica_divergence(disc, dist_info)))
+            run.guard.check(step)
             save(step)
     bar.close()
     log.close()
@@ -498,15 +551,7 @@ def train(cfg: TokenizerConfig, *, out: Path, data: str | None = None, synthetic
 
 
 def load_tokenizer(run_or_ckpt: str | Path, device: torch.device | str = "cpu"):
-    """(autoencoder in eval mode, its config, latent stats) from a train-tokenizer run or checkpoint."""
-    from .checkpoint import load_checkpoint
+    """Kept for callers of the old location: :func:`vefast.recipes.checkpoint.load_tokenizer`."""
+    from .checkpoint import load_tokenizer as load
 
-    ckpt = load_checkpoint(run_or_ckpt)
-    if ckpt.meta.get("kind") != "tokenizer":
-        raise ValueError(f"{str(run_or_ckpt)!r} is not a train-tokenizer checkpoint (kind={ckpt.meta.get('kind')!r})")
-    from .config import build_config
-
-    cfg = build_config(TokenizerConfig, ckpt.meta["config"])
-    ae = build_autoencoder(cfg.model)
-    ae.load_state_dict(ckpt.tensors("model"))
-    return ae.to(device).eval().requires_grad_(False), cfg, ckpt.meta.get("latent_stats")
+    return load(run_or_ckpt, device)

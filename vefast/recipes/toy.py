@@ -1,4 +1,4 @@
-"""``vefast toy``: KL vs VE tokenizer + flow model on the tree-shaped 2D mixture (seed 000 app. C, seed 001 fig. 1).
+"""``vefast toy``: KL vs VE tokenizer + flow model on the tree-shaped 2D mixture ([VE-supp] app. C, [VE] fig. 1).
 
 For each variant (``kl``: reconstruction + 1e-3 KL; ``ve``: reconstruction + VE loss with
 ``lambda_var = 1e-2``, ``lambda_reg = 1e-6``, ``tau = 1``) it trains an MLP tokenizer with a 2D
@@ -67,7 +67,7 @@ class ToyConfig:
 
 PRESETS = {
     "default": ToyConfig(),
-    # paper sizes (seed 000 app. C): 8 layers, 512 wide, ReLU, Adam lr 1e-3, batch 4096, 200k
+    # paper sizes ([VE-supp] app. C): 8 layers, 512 wide, ReLU, Adam lr 1e-3, batch 4096, 200k
     # iterations, AutoGuidance's schedule lr / sqrt(max(i / 512, 1)); our EMA on the flow model.
     "full": ToyConfig(width=512, depth=8, act="relu", flow_width=512, flow_depth=8, flow_act="relu",
                       batch=4096, tok_steps=200_000, flow_steps=200_000, lr=1e-3, schedule="rsqrt",
@@ -266,7 +266,7 @@ def train_flow(variant: str, pool: LatentPool, cfg: ToyConfig, seed: int, device
 @torch.no_grad()
 def euler_sample(model: ToyVelocity, n: int, steps: int, generator: torch.Generator,
                  device: torch.device) -> torch.Tensor:
-    """``z_{k+1} = z_k + v(z_k, k / N) / N`` from ``z_0 ~ N(0, I)`` (seed 000 eq. 31)."""
+    """``z_{k+1} = z_k + v(z_k, k / N) / N`` from ``z_0 ~ N(0, I)`` ([VE-supp] eq. 31)."""
     z = torch.randn(n, 2, generator=generator, device=device)
     for k in range(steps):
         t = torch.full((n,), k / steps, device=device)

@@ -1,4 +1,4 @@
-"""The tree-shaped 2D Gaussian mixture of the toy example (seed 000 appendix C, MATH.md §8).
+"""The tree-shaped 2D Gaussian mixture of the toy example ([VE-supp] appendix C, docs/math.md §8).
 
 Construction (our reading of "one branch split recursively 6 times, 8 anisotropic Gaussians per
 segment, child weights scaled down and lengths/angles perturbed at each split", after Karras et
@@ -16,7 +16,7 @@ Then the coordinates are normalized **exactly** (closed-form mixture moments, no
 mean and standard deviation ``sigma_data = 0.5`` per axis: ``x' = (x - m) * 0.5 / s``, i.e.
 ``mu' = D (mu - m)``, ``Sigma' = D Sigma D`` with ``D = diag(0.5 / s)``.
 
-Closed forms (seed 000 eqs. 20-23), with an optional isotropic smoothing ``sigma``
+Closed forms ([VE-supp] eqs. 20-23), with an optional isotropic smoothing ``sigma``
 (``Sigma* = Sigma + sigma^2 I``):
 ``log p(x) = logsumexp_i [log phi_i + log N(x; mu_i, Sigma*_i)]`` and
 ``score(x) = sum_i w_i Sigma*_i^-1 (mu_i - x)`` with ``w_i`` the component posteriors.
