@@ -1,15 +1,25 @@
 """Helpers shared by the tests (imported as ``from helpers import ...``; tests/ is on sys.path)."""
 from __future__ import annotations
 
+import fnmatch
 import os
+import zlib
+from collections.abc import Iterable
 
 import pytest
 import torch
+from hypothesis import settings
 
 # Triton picks its driver at import: the interpreter can only be switched on for a whole process
 # (conftest does so in the CPU lane); eager runs inside it switch the ops to their reference paths.
 INTERPRETER_LANE = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") and not torch.cuda.is_available()
 needs_interpreter = pytest.mark.skipif(not INTERPRETER_LANE, reason="needs a process started with TRITON_INTERPRET=1")
+
+
+def examples(n: int) -> int:
+    """A hypothesis test's example count: ``n`` in the CPU lane, at most the loaded profile's (``vefast-gpu``
+    on a GPU, where every new shape is a Triton compile)."""
+    return min(n, settings.default.max_examples)
 
 
 def poison_(t: torch.Tensor) -> torch.Tensor:
@@ -35,3 +45,26 @@ def strided(t: torch.Tensor) -> torch.Tensor:
     view = wide[..., ::2]
     view.copy_(t)
     return view
+
+
+def fallback_matches(key: str, pattern: str) -> bool:
+    """Whether a fallback key ``op:reason`` is declared by ``pattern``: an op name alone
+    (``"vf_loss"``) declares all its reasons, else an fnmatch pattern on the key (``"*:float64"``)."""
+    return fnmatch.fnmatchcase(key, pattern if ":" in pattern or "*" in pattern else f"{pattern}:*") or key == pattern
+
+
+def undeclared_fallbacks(events: Iterable, patterns: Iterable[str]) -> dict[str, tuple[int, str]]:
+    """The fallback events (``_common.FallbackEvent``) that no pattern declares: key -> (count, message)."""
+    patterns = tuple(patterns)
+    bad: dict[str, tuple[int, str]] = {}
+    for e in events:
+        if not any(fallback_matches(e.key, p) for p in patterns):
+            n, _ = bad.get(e.key, (0, ""))
+            bad[e.key] = (n + 1, e.message)
+    return bad
+
+
+
+def pinned_config(nodeid: str, n: int) -> int:
+    """The autotune config (of ``n``) a gpu-lane test not marked ``gpu`` runs (conftest.one_autotune_config)."""
+    return zlib.crc32(nodeid.encode()) % n

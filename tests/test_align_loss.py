@@ -1,19 +1,20 @@
-"""vefast.align_loss / repa_loss (MATH §3b-c) against float64 references."""
+"""vefast.align_loss / repa_loss (docs/math.md §3b-c) against float64 references."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import err_bound, strided
+from helpers import err_bound, examples, strided
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vefast
+from vefast.ops._common import record_fallbacks
 from vefast.ops.align_loss import align_loss_reference
 
 
 def math_align(p, t, wc, ws, beta):
-    """MATH §3b element by element (float64)."""
+    """docs/math.md §3b element by element (float64)."""
     d = p.shape[-1]
     p2, t2 = p.reshape(-1, d), t.reshape(-1, d)
     cos = torch.stack([(a @ b) / (a.norm() * b.norm()) for a, b in zip(p2, t2)])
@@ -112,11 +113,10 @@ def test_repa_loss(device):
     torch.testing.assert_close(g.double(), rg, rtol=1e-4, atol=1e-8)
 
 
-@settings(max_examples=6)
+@settings(max_examples=examples(6))
 @given(rows=st.lists(st.integers(1, 4), min_size=0, max_size=3), d=st.integers(1, 70),
        beta=st.sampled_from([0.0, 0.5, 1.0]))
-def test_shapes_property(rows, d, beta):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def test_shapes_property(device, rows, d, beta):
     p, t = make((*rows, d), device=device, seed=d)
     out, g = run(vefast.align_loss, p, t, beta=beta)
     ref, rg = run(align_loss_reference, p.double(), t.double(), beta=beta)
@@ -139,6 +139,7 @@ def test_torch_compile_fullgraph(device):
     torch.testing.assert_close(g.double(), rg_loss, rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.expect_fallback("align_loss:cpu")
 def test_cpu_eager_path_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     p, t = make((3, 20), seed=7)
@@ -147,14 +148,14 @@ def test_cpu_eager_path_without_interpreter(monkeypatch):
                                rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.expect_fallback("align_loss:float64")
 def test_float64_runs_reference_and_is_reported(device):
-    from vefast.ops._common import reported_fallbacks
-
     p, t = make((3, 20), dtype=torch.float64, device=device, seed=8)
-    out = vefast.align_loss(p, t)
+    with record_fallbacks() as events:
+        out = vefast.align_loss(p, t)
     assert out.loss.dtype == torch.float64
     torch.testing.assert_close(out.loss, math_align(p, t, 0.9, 0.1, 1.0)[0], rtol=1e-12, atol=1e-12)
-    assert "align_loss:float64" in reported_fallbacks()
+    assert [e.key for e in events] == ["align_loss:float64"]
 
 
 def test_bad_inputs():

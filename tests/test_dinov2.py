@@ -86,13 +86,47 @@ def test_missing_weights_errors(tmp_path, monkeypatch):
 
     def offline(*args, **kwargs):   # what timm raises when the hub cannot be reached (no download here)
         if kwargs.get("pretrained"):
+            hub_calls.append(1)
             raise OSError("We couldn't connect to 'https://huggingface.co'")
         return real(*args, **kwargs)
 
+    hub_calls = []
     real = timm.create_model
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(RuntimeError, match="huggingface-cli download timm/vit_large_patch14_dinov2.lvd142m"):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    # without local weights: an immediate error saying how to provide them, and no hub access
+    with pytest.raises(FileNotFoundError, match=r"no local weights .*checkpoint='DIR'.*download=True"):
         vefast.load_dinov2()
+    assert not hub_calls
+    # a download asked for, and the hub unreachable: the remedy
+    with pytest.raises(RuntimeError, match="huggingface-cli download timm/vit_large_patch14_dinov2.lvd142m"):
+        vefast.load_dinov2(download=True)
+    assert hub_calls
+
+
+def test_pretrained_weights_from_the_local_hub_cache(tmp_path, monkeypatch, model):
+    """pretrained=True finds weights that the Hugging Face cache already holds (its snapshot layout)."""
+    from safetensors.torch import save_file
+    import huggingface_hub.constants
+
+    repo = tmp_path / "models--timm--vit_small_patch14_dinov2.lvd142m"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(repo / "snapshots" / "abc123" / "model.safetensors"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    loaded = vefast.load_dinov2("vit_small_patch14_dinov2", **SMALL)
+    assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+
+
+def test_unreadable_checkpoint_file_is_named(tmp_path):
+    for name in ("junk.pth", "junk.safetensors"):
+        (tmp_path / name).write_bytes(b"this is not a checkpoint at all")
+        with pytest.raises(ValueError, match=rf"checkpoint '.*{name}' is not a readable"):
+            vefast.load_dinov2("vit_small_patch14_dinov2", checkpoint=tmp_path / name, **SMALL)
 
 
 def test_bad_feature_inputs(model):
@@ -107,6 +141,8 @@ def test_bad_feature_inputs(model):
         vefast.dinov2_features(model, images.to(torch.uint8), grid=(2, 2))
     with pytest.raises(ValueError, match=r"images must be \(B, 3, H, W\)"):
         vefast.dinov2_features(model, images[:, :2], grid=(2, 2))
+    with pytest.raises(ValueError, match="at least one non-empty image"):
+        vefast.dinov2_features(model, images[:0], grid=(2, 2))
     with pytest.raises(ValueError, match="model's device"):
         vefast.dinov2_features(model, images.to("meta"), grid=(2, 2))
     with pytest.raises(TypeError, match="timm VisionTransformer"):

@@ -32,23 +32,25 @@ LIGHTNING_KEYS = (DIT_KEYS - {k for k in DIT_KEYS if ".mlp.fc" in k}) | {
 
 def _inputs(model, B=2, C=4, size=8):
     g = torch.Generator().manual_seed(0)
-    return torch.randn(B, C, size, size, generator=g), torch.rand(B, generator=g) * 1000, torch.randint(0, 10, (B,),
-                                                                                                       generator=g)
+    dev = next(model.parameters()).device
+    data = (torch.randn(B, C, size, size, generator=g), torch.rand(B, generator=g) * 1000,
+            torch.randint(0, 10, (B,), generator=g))
+    return tuple(t.to(dev) for t in data)
 
 
-def test_dit_sit_forward_shapes():
-    dit, sit = DiT(**TINY), SiT(**TINY)
+def test_dit_sit_forward_shapes(device):
+    dit, sit = DiT(**TINY).to(device), SiT(**TINY).to(device)
     x, t, y = _inputs(dit)
     assert dit(x, t, y).shape == (2, 8, 8, 8)  # learn_sigma: 2C channels
     assert sit(x, t, y).shape == (2, 4, 8, 8)  # SiT drops the sigma channels
-    assert DiT(**TINY, learn_sigma=False)(x, t, y).shape == (2, 4, 8, 8)
+    assert DiT(**TINY, learn_sigma=False).to(device)(x, t, y).shape == (2, 4, 8, 8)
     assert dit.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y]), 4.0).shape == (4, 8, 8, 8)
 
 
-def test_lightningdit_forward_shapes():
+def test_lightningdit_forward_shapes(device):
     for flags in (dict(), dict(use_qknorm=True), dict(wo_shift=True), dict(use_swiglu=False, use_rope=False,
                                                                            use_rmsnorm=False)):
-        m = LightningDiT(**TINY, in_channels=4, **flags)
+        m = LightningDiT(**TINY, in_channels=4, **flags).to(device)
         x, t, y = _inputs(m)
         assert m(x, t, y).shape == (2, 4, 8, 8)
 

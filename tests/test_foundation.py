@@ -14,10 +14,11 @@ from vefast.ops import _common
 
 
 def test_import_does_no_kernel_or_cuda_work():
-    code = ("import sys, vefast; "
-            "print(sorted(m for m in ('triton', 'vefast._C', 'vefast.ops.reparam') if m in sys.modules))")
+    code = ("import sys, vefast; t = sys.modules.get('torch'); "
+            "print(sorted(m for m in ('triton', 'vefast._C', 'vefast.ops.reparam') if m in sys.modules), "
+            "sorted(t.ops.loaded_libraries) if t else [])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert out.strip() == "[] []"  # nothing compiled, no extension library loaded
 
 
 @pytest.mark.parametrize("name", vefast.__all__)
@@ -46,28 +47,122 @@ def test_extension_builds_imports_and_carries_metadata():
     assert binary["cuda_archs"] == ";".join(info["cuda_archs"])
 
 
-def test_version_mismatch_is_explained_not_loaded(tmp_path, monkeypatch):
+def test_extension_is_an_operator_library():
+    """Loaded by torch.ops.load_library, not imported: ops under torch.ops.vefast_cuda with typed schemas."""
+    ext = _ext.load()
+    assert ext.path.name == "_C.abi3.so" and "vefast._C" not in sys.modules
+    assert str(ext.path) in torch.ops.loaded_libraries
+    fwd = str(torch.ops.vefast_cuda.attention_fwd.default._schema)
+    assert "Tensor? q_weight=None" in fwd and "-> (Tensor out, Tensor lse)" in fwd
+    assert "Tensor(a!) dq" in str(torch.ops.vefast_cuda.attention_bwd.default._schema)
+    assert ext.attention_fwd is torch.ops.vefast_cuda.attention_fwd.default
+    assert not hasattr(ext, "not_an_op")
+
+
+def _elf_symbols(path, *flags):
+    out = subprocess.run(["nm", "-D", *flags, str(path)], capture_output=True, text=True, check=True).stdout
+    return {line.split()[-1] for line in out.splitlines() if line.strip()}
+
+
+def test_extension_does_not_depend_on_the_python_version():
+    """No PyInit_, no CPython or libtorch_python symbol, no cpython tag: the same .so loads under 3.11 and 3.12."""
+    import shutil
+
+    if shutil.which("nm") is None or shutil.which("readelf") is None:
+        pytest.skip("binutils (nm, readelf) not installed")
+    path = _ext.load().path
+    assert "cpython" not in path.name
+    assert not [s for s in _elf_symbols(path, "--defined-only") if s.startswith("PyInit")]
+    undefined = _elf_symbols(path, "--undefined-only")
+    assert not [s for s in undefined if s.startswith(("Py", "_Py"))], "the library calls the CPython API"
+    assert not [s for s in undefined if "pybind11" in s]
+    needed = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True, check=True).stdout
+    assert "libpython" not in needed and "libtorch_python" not in needed
+
+
+def _other_python():
+    import glob
+    import shutil
+
+    mine = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for name in ("python3.12", "python3.13", "python3.10"):
+        for cand in [shutil.which(name), *sorted(glob.glob(f"/root/.pyenv/versions/{name[6:]}*/bin/{name}"))]:
+            if cand and name != mine and subprocess.run([cand, "-c", "pass"], capture_output=True).returncode == 0:
+                return cand
+    return None
+
+
+LOAD_WITHOUT_TORCH_PYTHON = """
+import ctypes, os, sys
+lib, torch_lib, cudart = sys.argv[1:4]
+for name in ("libc10.so", "libtorch_cpu.so", "libc10_cuda.so"):
+    ctypes.CDLL(os.path.join(torch_lib, name), mode=ctypes.RTLD_GLOBAL)
+if cudart:
+    ctypes.CDLL(cudart, mode=ctypes.RTLD_GLOBAL)
+handle = ctypes.CDLL(lib)  # runs the TORCH_LIBRARY registrations (an error there aborts the process)
+print("loaded", sys.version_info[:2], hasattr(handle, "PyInit__C"))
+"""
+
+
+def test_extension_loads_under_another_python(tmp_path):
+    """Another CPython (no torch installed there) loads the library next to libtorch's own libraries."""
+    import glob
+    import os
+
+    other = _other_python()
+    if other is None:
+        pytest.skip("no other CPython version on this machine")
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    cudart = (sorted(glob.glob(os.path.join(site, "nvidia", "*", "lib", "libcudart.so*"))) or [""])[0]
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_WITHOUT_TORCH_PYTHON)
+    run = subprocess.run([other, str(script), str(_ext.load().path), torch_lib, cudart], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-1] == "False", "the library has a Python module init"
+
+
+@pytest.fixture
+def fresh_ext_load():
+    """``_ext._load``'s cache cleared before and after the test: the paths it patches are read afresh, and
+    what it saw is not what the next test sees."""
+    _ext._load.cache_clear()
+    yield
+    _ext._load.cache_clear()
+
+
+def test_version_mismatch_is_explained_not_loaded(tmp_path, monkeypatch, fresh_ext_load):
     fake = tmp_path / "_build_info.json"
     fake.write_text(json.dumps({"torch_version": "1.13.0+cu117", "torch_cuda_version": "11.7"}))
     monkeypatch.setattr(_ext, "_INFO_PATH", fake)
-    _ext._load.cache_clear()
-    try:
-        assert not _ext.available()
-        reason = _ext.unavailable_reason()
-        assert "built for torch 1.13.0+cu117" in reason and torch.__version__ in reason
-        with pytest.raises(_ext.ExtensionUnavailable, match="reinstall vefast"):
-            _ext.load()
-    finally:
-        _ext._load.cache_clear()
+    assert not _ext.available()
+    reason = _ext.unavailable_reason()
+    assert "built for torch 1.13.0+cu117" in reason and torch.__version__ in reason
+    with pytest.raises(_ext.ExtensionUnavailable, match="reinstall vefast"):
+        _ext.load()
 
 
-def test_missing_build_is_explained(tmp_path, monkeypatch):
+def test_missing_build_is_explained(tmp_path, monkeypatch, fresh_ext_load):
     monkeypatch.setattr(_ext, "_INFO_PATH", tmp_path / "absent.json")
-    _ext._load.cache_clear()
-    try:
-        assert "was not built" in _ext.unavailable_reason()
-    finally:
-        _ext._load.cache_clear()
+    reason = _ext.unavailable_reason()
+    assert "was not built" in reason and "pip install --no-build-isolation -e ." in reason
+    assert "optional" in reason
+
+
+def test_missing_library_is_explained(tmp_path, monkeypatch, fresh_ext_load):
+    """Metadata present but no library (e.g. not carried to another machine): says which file is missing."""
+    monkeypatch.setattr(_ext, "_HERE", tmp_path)
+    (tmp_path / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    reason = _ext.unavailable_reason()
+    assert "vefast/_C.abi3.so is missing" in reason and "older build" in reason
+
+
+def test_info_explains_a_missing_extension(tmp_path, monkeypatch, fresh_ext_load):
+    monkeypatch.setattr(_ext, "_INFO_PATH", tmp_path / "absent.json")
+    line = vefast._info.format_info(vefast.info(verbose=False))
+    assert "extension  : not loaded: the CUDA extension was not built" in line and "build it with nvcc" in line
+    assert "pip install --no-build-isolation -e ." in line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
@@ -88,7 +183,7 @@ def test_info_reports_every_part(capsys):
     assert report["torch"] == torch.__version__
     assert report["triton"]["available"] and report["triton"]["version"] == "3.6.0"
     assert report["extension"]["loaded"] is True
-    assert "extension  : vefast._C loaded" in printed and "device" in printed
+    assert "extension  : _C.abi3.so loaded as torch.ops.vefast_cuda" in printed and "device" in printed
     quiet = vefast.info(verbose=False)
     assert quiet["extension"] == report["extension"] and capsys.readouterr().out == ""
 
@@ -140,7 +235,7 @@ def test_checks_name_the_argument():
         _common.check_finite_number("lambda_var", "0.1")
 
 
-LAUNCHERS = {"reparam": ["_fwd_launch", "_bwd_launch"], "vf_loss": ["_vf_pair_launch"],
+LAUNCHERS = {"reparam": ["_fwd_launch", "_bwd_launch"], "vf_loss": ["_vf_fwd_launch", "_vf_bwd_launch"],
              "align_loss": ["_align_fwd_launch", "_align_bwd_launch"], "norm_modulate": ["_nm_fwd", "_nm_bwd"],
              "gated_residual": ["_gr_fwd", "_gr_bwd"], "swiglu": ["_swiglu_fwd", "_swiglu_bwd"],
              "separation": ["_launch_separation"], "timestep_sample": ["_launch_sample"]}

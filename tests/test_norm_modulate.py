@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import err_bound, poison_, strided
+from helpers import err_bound, examples, poison_, strided
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -63,12 +63,19 @@ def test_values_and_grads(device, dtype, norm, weight, poisoned_empty):
     _check(x, sh, sc, w, norm, dtype)
 
 
-@settings(max_examples=6)
+@settings(max_examples=examples(6))
 @given(B=st.integers(1, 3), N=st.integers(1, 24), D=st.integers(1, 80), shift=st.booleans(),
        norm=st.sampled_from(["layernorm", "rmsnorm"]), seed=st.integers(0, 2**16))
-def test_shapes(B, N, D, shift, norm, seed):
-    x, sh, sc, w = _inputs(B, N, D, torch.float32, torch.device("cpu"), shift=shift, weight=norm == "rmsnorm",
-                           seed=seed)
+def test_shapes(device, B, N, D, shift, norm, seed):
+    x, sh, sc, w = _inputs(B, N, D, torch.float32, device, shift=shift, weight=norm == "rmsnorm", seed=seed)
+    _check(x, sh, sc, w, norm, torch.float32)
+
+
+@pytest.mark.parametrize("norm,weight,shift,D", [("layernorm", False, True, 5000), ("rmsnorm", True, False, 8192)])
+def test_wide_rows(device, norm, weight, shift, D, poisoned_empty):
+    """One-row tiles with 8 / 16 warps (rows of 4096 and 8192 columns, masked and exact): the backward
+    re-reads the (B, D) vectors per tile instead of holding them (codegen gate, docs/speed_checks.md)."""
+    x, sh, sc, w = _inputs(2, 3, D, torch.float32, device, shift=shift, weight=weight)
     _check(x, sh, sc, w, norm, torch.float32)
 
 
@@ -111,17 +118,24 @@ def test_torch_compile_fullgraph(device):
         torch.testing.assert_close(a.grad.double(), b.grad, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.expect_fallback("norm_modulate:cpu")
 def test_eager_fallback_on_cpu_is_reported(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     x, sh, sc, w = _inputs(2, 3, 8, torch.float32, torch.device("cpu"), weight=True)
-    out = norm_modulate(x, sh, sc, norm="rmsnorm", weight=w)
+    with _common.record_fallbacks() as events:
+        out = norm_modulate(x, sh, sc, norm="rmsnorm", weight=w)
     assert torch.equal(out, norm_modulate_reference(x, sh, sc, norm="rmsnorm", weight=w))
+    assert [e.key for e in events] == ["norm_modulate:cpu"]
     assert "norm_modulate:cpu" in _common.reported_fallbacks()
 
 
+@pytest.mark.expect_fallback("norm_modulate:float64")
 def test_float64_runs_reference(device):
     x, sh, sc, _ = _inputs(2, 3, 8, torch.float64, device)
-    assert torch.equal(norm_modulate(x, sh, sc), norm_modulate_reference(x, sh, sc))
+    with _common.record_fallbacks() as events:
+        out = norm_modulate(x, sh, sc)
+    assert torch.equal(out, norm_modulate_reference(x, sh, sc))
+    assert [e.key for e in events] == ["norm_modulate:float64"]
 
 
 def test_bad_inputs():

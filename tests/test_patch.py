@@ -26,25 +26,26 @@ def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
-def _data(C=4, B=2):
+def _data(C=4, B=2, device="cpu"):
     g = torch.Generator().manual_seed(1)
-    return (torch.randn(B, C, 4, 4, generator=g), torch.rand(B, generator=g) * 1000,
+    data = (torch.randn(B, C, 4, 4, generator=g), torch.rand(B, generator=g) * 1000,
             torch.randint(0, 10, (B,), generator=g))
+    return tuple(t.to(device) for t in data)
 
 
 def _out_and_grads(model, inputs):
     model.zero_grad(set_to_none=True)
     out = model(*inputs)
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.device)
     (out * w).sum().backward()
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _check_swap(model: nn.Module, patch, C=4, atol=2e-4):
-    model = _randomize(model).train(False)
+def _check_swap(model: nn.Module, patch, C=4, atol=2e-4, device="cpu"):
+    model = _randomize(model).train(False).to(device)
     params_before = dict(model.named_parameters())
     keys_before = list(model.state_dict())
-    inputs = _data(C)
+    inputs = _data(C, device=device)
     ref_out, ref_grads = _out_and_grads(model, inputs)
     patched = patch(model)
     assert patched is model
@@ -62,26 +63,27 @@ def _check_swap(model: nn.Module, patch, C=4, atol=2e-4):
 
 
 @pytest.mark.parametrize("cls", [DiT, SiT])
-def test_patch_dit(cls):
-    _check_swap(cls(**TINY), patch_dit)
+def test_patch_dit(cls, device):
+    _check_swap(cls(**TINY), patch_dit, device=device)
 
 
 @pytest.mark.parametrize("flags", [dict(), dict(use_qknorm=True), dict(wo_shift=True),
                                    dict(use_qknorm=True, use_rmsnorm=False, use_swiglu=False)])
-def test_patch_lightningdit(flags):
-    patched = _check_swap(LightningDiT(**TINY, in_channels=4, **flags), patch_lightningdit)
+def test_patch_lightningdit(flags, device):
+    patched = _check_swap(LightningDiT(**TINY, in_channels=4, **flags), patch_lightningdit, device=device)
     if flags.get("use_swiglu", True):
         assert isinstance(patched.blocks[0].mlp, FusedSwiGLUFFN)
     assert isinstance(patched.blocks[0].attn, FusedAttention)
 
 
+@pytest.mark.expect_fallback("*:cpu*")
 def test_eager_fallback_path(monkeypatch):
     """Without the interpreter, CPU tensors run the eager references: same outputs and grads."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     _check_swap(LightningDiT(**TINY, in_channels=4, use_qknorm=True), patch_lightningdit, atol=1e-5)
 
 
-def test_timm_built_block_is_recognized():
+def test_timm_built_block_is_recognized(device):
     """A DiT block assembled from timm's Attention / Mlp, as the official DiT code does."""
     from timm.models.vision_transformer import Attention, Mlp
 
@@ -100,14 +102,15 @@ def test_timm_built_block_is_recognized():
             return x + gf.unsqueeze(1) * self.mlp(self.norm2(x) * (1 + cf.unsqueeze(1)) + sf.unsqueeze(1))
 
     model = nn.Sequential()
-    model.add_module("block", _randomize(Block()))
-    x, c = torch.randn(2, 16, 32), torch.randn(2, 32)
+    model.add_module("block", _randomize(Block()).to(device))
+    x, c = torch.randn(2, 16, 32, device=device), torch.randn(2, 32, device=device)
     ref = model.block(x, c)
     patch_dit(model)
     assert isinstance(model.block, FusedDiTBlock)
     torch.testing.assert_close(model.block(x, c), ref, atol=2e-4, rtol=1e-4)
 
 
+@pytest.mark.expect_fallback("patch")
 def test_unrecognized_modules_are_left_as_is():
     model = DiT(**{**TINY, "depth": 2})
     biased = model.blocks[1]
@@ -149,3 +152,63 @@ def test_gpu_full_model_swap(dtype):
         patch_lightningdit(model)
         out = model(*inputs).float()
     assert (out - ref).abs().max().item() <= 0.05 * ref.abs().max().item()
+
+
+# ---- the attention inside the swapped blocks (q/k norms, RoPE, backend) ---------------------------------
+def _spy_prologue(monkeypatch) -> dict:
+    """Count the fused q/k prologue's launches (vefast.ops.qk_prologue)."""
+    from vefast.ops import qk_prologue as qp
+
+    calls = {"fwd": 0, "bwd": 0}
+    fwd, bwd = qp.launch_fwd, qp.launch_bwd
+
+    def count(kind, fn):
+        def wrapped(*a, **k):
+            calls[kind] += 1
+            return fn(*a, **k)
+        return wrapped
+    monkeypatch.setattr(qp, "launch_fwd", count("fwd", fwd))
+    monkeypatch.setattr(qp, "launch_bwd", count("bwd", bwd))
+    return calls
+
+
+@pytest.mark.parametrize("flags,kind", [(dict(), "none"), (dict(use_qknorm=True), "rms"),
+                                        (dict(use_qknorm=True, use_rmsnorm=False), "layer")])
+def test_lightningdit_attention_runs_the_fused_prologue(flags, kind, device, monkeypatch):
+    """RoPE alone, RMSNorm q/k norm + RoPE, LayerNorm q/k norm + RoPE: one prologue launch each way (the outputs
+    and gradients are test_patch_lightningdit's)."""
+    patched = patch_lightningdit(_randomize(LightningDiT(**TINY, in_channels=4, **flags)).to(device))
+    calls = _spy_prologue(monkeypatch)
+    _out_and_grads(patched, _data(device=device))
+    assert patched.blocks[0].attn._qk[0] == kind
+    assert calls == {"fwd": 1, "bwd": 1}
+
+
+def test_dit_with_timm_qk_norm(device, monkeypatch):
+    """DiT / SiT with timm's qk_norm=True (nn.LayerNorm(head_dim), eps 1e-5, weight and bias) swap with patch_dit
+    and run the LayerNorm prologue."""
+    model = DiT(**TINY)
+    for block in model.blocks:
+        hd = block.attn.head_dim
+        block.attn.q_norm, block.attn.k_norm = nn.LayerNorm(hd), nn.LayerNorm(hd)
+    calls = _spy_prologue(monkeypatch)
+    patched = _check_swap(model, patch_dit, device=device)
+    assert patched.blocks[0].attn._qk == ("layer", 1e-5) and calls == {"fwd": 1, "bwd": 1}
+
+
+def test_mixed_qk_norms_run_the_modules(device, monkeypatch):
+    """q and k normalized differently: the norm modules run eagerly around vefast.attention, same results."""
+    model = LightningDiT(**TINY, in_channels=4, use_qknorm=True)
+    attn = model.blocks[0].attn
+    attn.k_norm = nn.LayerNorm(attn.head_dim)
+    calls = _spy_prologue(monkeypatch)
+    patched = _check_swap(model, patch_lightningdit, device=device)
+    assert patched.blocks[0].attn._qk is None and calls["fwd"] == 0
+
+
+def test_backend_is_passed_to_the_attention():
+    model = patch_lightningdit(LightningDiT(**TINY, in_channels=4), backend="sdpa")
+    assert model.blocks[0].attn.backend == "sdpa"
+    assert patch_dit(DiT(**TINY)).blocks[0].attn.backend == "auto"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        patch_dit(DiT(**TINY), backend="flash")

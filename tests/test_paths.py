@@ -1,4 +1,4 @@
-"""Flow-matching paths (MATH.md §4): coefficients, derivatives, h_t and SNR against closed forms."""
+"""Flow-matching paths (docs/math.md §4): coefficients, derivatives, h_t and SNR against closed forms."""
 from __future__ import annotations
 
 import math
@@ -67,3 +67,17 @@ def test_bad_inputs():
         p.h(torch.tensor([float("nan")]))
     with pytest.raises(TypeError, match="t must be a tensor or a real number"):
         p.alpha("0.5")
+    for bad in (1.5, -0.25, float("nan")):
+        with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+            p.sigma(bad)
+
+
+def test_device_tensors_are_not_read():
+    """Values are checked for numbers and CPU tensors only: a meta tensor stands in for a CUDA one here
+    (any host read of it would raise), out of range on purpose."""
+    t = torch.full((3, 1, 1, 1), 2.0, device="meta")
+    for name in ("linear", "cosine", "vp"):
+        p = vefast.path(name)
+        for f in (p.alpha, p.sigma, p.d_alpha, p.d_sigma, p.snr, p.h):
+            assert f(t).device.type == "meta" and f(t).shape == t.shape
+    assert vefast.UniformSampler().icdf(t).device.type == "meta"

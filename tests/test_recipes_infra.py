@@ -27,9 +27,9 @@ def test_shipped_configs_load(path):
 
 def test_overrides_nested_and_typed():
     cfg = load_config(TokenizerConfig, "tokenizer_f16d32_ve.yaml",
-                      ["train.batch_size=16", "loss.latent=kl", "model.channel_mult=[1, 2, 4]", "train.lr=3e-4"])
+                      ["train.batch_size=16", "loss.latent=kl", "model.channel_mult=[1, 2, 4]", "optim.lr=3e-4"])
     assert cfg.train.batch_size == 16 and cfg.loss.latent == "kl"
-    assert cfg.model.channel_mult == (1, 2, 4) and cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.model.channel_mult == (1, 2, 4) and cfg.optim.lr == pytest.approx(3e-4)
     cfg = load_config(DiTConfig, "dit_tiny", ["sample.cfg_interval=[0.2, 0.9]", "optim.lr=1"])
     assert cfg.sample.cfg_interval == (0.2, 0.9) and cfg.optim.lr == 1.0  # int accepted for float
     assert parse_overrides(["a.b.c=[1, 2]", "a.d=x"]) == {"a": {"b": {"c": [1, 2]}, "d": "x"}}
@@ -40,15 +40,15 @@ def test_overrides_nested_and_typed():
     (["nonsense=1"], r"unknown config key\(s\) 'nonsense'"),
     (["train.batch_size=four"], r"'train.batch_size': expected int, got 'four'"),
     (["train.batch_size=2.5"], r"'train.batch_size': expected int"),
-    (["train.lr=fast"], r"'train.lr': expected float, got 'fast'"),
+    (["optim.lr=fast"], r"'optim.lr': expected float, got 'fast'"),
     (["loss.lpips_pretrained=1"], r"'loss.lpips_pretrained': expected bool"),
     (["loss.latent=vae"], r"'loss.latent': expected one of \['ve', 'kl'\], got 'vae'"),
-    (["train.betas=[0.5]"], r"'train.betas': expected 2 values"),
+    (["optim.betas=[0.5]"], r"'optim.betas': expected 2 values"),
     (["train.steps=0"], r"train.steps must be > 0"),
     (["model.norm_groups=7"], r"model.norm_groups=7 must divide"),
     (["train.image_size=40"], r"image_size=40 must be a multiple of the downsampling factor 16"),
     (["model=3"], r"'model': expected a mapping"),
-    (["train.lr"], r"--set expects key=value"),
+    (["optim.lr"], r"--set expects key=value"),
 ])
 def test_bad_tokenizer_configs(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -271,3 +271,125 @@ def test_jsonl_logger(tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] == 2.5 and rows[0]["bad"] == "nan"
     JSONLLogger(tmp_path / "off.jsonl", enabled=False).log(1, a=1)
     assert not (tmp_path / "off.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------ issues 12 / 13
+
+def test_one_optimizer_convention_old_keys_still_load():
+    """Both recipes keep optimizer settings in ``optim``: the tokenizer's old ``train.lr`` (and betas,
+    weight_decay, grad_clip, ``loss.disc_lr``) still load, with a FutureWarning naming the new key."""
+    import warnings
+
+    from vefast.recipes.config import build_config, check_resume_config, saved_config
+
+    with pytest.warns(FutureWarning, match=r"'train.lr' is deprecated: it is now 'optim.lr'"):
+        cfg = load_config(TokenizerConfig, "tokenizer_tiny.yaml", ["train.lr=3e-4", "loss.disc_lr=1e-5"])
+    assert cfg.optim.lr == pytest.approx(3e-4) and cfg.optim.disc_lr == pytest.approx(1e-5)
+    with pytest.raises(ConfigError, match="'train.lr' was renamed to 'optim.lr': give only 'optim.lr'"):
+        load_config(TokenizerConfig, "tokenizer_tiny.yaml", ["train.lr=3e-4", "optim.lr=1e-4"])
+
+    with pytest.warns(FutureWarning):
+        assert build_config(TokenizerConfig, {"train": {"lr": 0.5}}).optim.lr == 0.5  # an old YAML
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\) 'train.learning_rate'"):
+        load_config(TokenizerConfig, "tokenizer_tiny.yaml", ["train.learning_rate=3e-4"])
+    # a config saved by an older version (old names, keys added since missing) migrates silently
+    old = {"seed": 0, "model": {"base_channels": 16, "channel_mult": [1, 2], "norm_groups": 8, "latent_channels": 4},
+           "train": {"lr": 1e-3, "betas": [0.5, 0.9], "image_size": 32, "batch_size": 4}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = saved_config(TokenizerConfig, old, "run")
+        now = build_config(TokenizerConfig, {**old, "train": {"image_size": 32, "batch_size": 4},
+                                             "optim": {"lr": 1e-3, "betas": [0.5, 0.9]}})
+        check_resume_config(old, now, "run")  # nothing that matters changed
+    assert got.optim.lr == 1e-3 and got.train.grad_accum == 1 and got.optim.schedule == "constant"
+
+
+def test_lr_schedule_warmup_constant_cosine():
+    from vefast.recipes.schedule import LRScheduleConfig, lr_factor
+
+    warm = LRScheduleConfig(warmup_steps=4)
+    assert [lr_factor(s, warm, 100) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cos = LRScheduleConfig(schedule="cosine", warmup_steps=2, min_lr_ratio=0.1)
+    f = [lr_factor(s, cos, 12) for s in range(14)]
+    assert f[:3] == [0.5, 1.0, 1.0] and f[12] == pytest.approx(0.1) and f[13] == pytest.approx(0.1)
+    assert f[7] == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
+    assert all(a >= b for a, b in zip(f[2:], f[3:]))
+    assert lr_factor(5, LRScheduleConfig(schedule="cosine", decay_steps=10), 1000) == pytest.approx(0.5)
+    assert cos.depends_on_run_length() and not LRScheduleConfig(schedule="cosine", decay_steps=9).depends_on_run_length()
+    with pytest.raises(ConfigError, match=r"optim.min_lr_ratio must be in \[0, 1\]"):
+        load_config(DiTConfig, "dit_tiny.yaml", ["optim.min_lr_ratio=2"])
+    with pytest.raises(ConfigError, match=r"optim.decay_steps \(3\) must exceed optim.warmup_steps \(5\)"):
+        load_config(TokenizerConfig, "tokenizer_tiny.yaml", ["optim.decay_steps=3", "optim.warmup_steps=5"])
+
+
+def test_cosine_without_horizon_fixes_the_run_length_on_resume():
+    from vefast.recipes.config import check_resume_config, config_to_dict
+
+    saved = config_to_dict(load_config(DiTConfig, "dit_tiny.yaml", ["optim.schedule=cosine"]))
+    longer = load_config(DiTConfig, "dit_tiny.yaml", ["optim.schedule=cosine", "train.steps=40"])
+    check_resume_config(saved, longer, "run")  # the recipe decides what is fixed
+    with pytest.raises(ConfigError, match=r"config keys \['train.steps'\] differ"):
+        check_resume_config(saved, longer, "run", fixed=("train.steps",))
+
+
+def test_jsonl_truncation_drops_redone_steps_and_torn_lines(tmp_path):
+    from vefast.recipes.metrics import truncate_jsonl
+
+    f = tmp_path / "m.jsonl"
+    f.write_text('{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n{"step": 3, "a": 3}\n{"step": 3, "val": 1}\n{"ste')
+    log = JSONLLogger(f, resume_step=2)
+    assert log.dropped == 3 and [r["step"] for r in read_jsonl(f)] == [1, 2]
+    log.log(3, a=30)
+    assert [r.get("a") for r in read_jsonl(f)] == [1, 2, 30]
+    assert truncate_jsonl(f, 10) == 0
+
+
+def test_lightningdit_latent_stats_file(tmp_path):
+    torch.save({"mean": torch.tensor([0.5, -1.0]).view(1, 2, 1, 1), "std": torch.tensor([2.0, 3.0]).view(1, 2, 1, 1)},
+               tmp_path / "latents_stats.pt")
+    stats = read_latent_stats(tmp_path)
+    assert stats["mean"] == [0.5, -1.0] and stats["std"] == [2.0, 3.0] and stats["source"] == "latents_stats.pt"
+    (tmp_path / "stats.json").write_text(json.dumps({"mean": [0.0, 0.0], "std": [1.0, 1.0]}))
+    assert read_latent_stats(tmp_path)["source"] == "stats.json"  # vefast's own file wins
+    (tmp_path / "stats.json").unlink()
+    (tmp_path / "latents_stats.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="is not a LightningDiT latent-stats file"):
+        read_latent_stats(tmp_path)
+
+
+def test_optimizer_state_index_and_name_forms_round_trip():
+    from vefast.recipes.dit import _optim_state_to_fqn, _optim_state_to_index
+
+    m, opt = _trained_adamw()
+    names = [n for n, _ in m.named_parameters()]
+    sd = opt.state_dict()
+    by_name = _optim_state_to_fqn(sd, names)
+    assert set(by_name["state"]) == set(names) and by_name["param_groups"][0]["params"] == names
+    back = _optim_state_to_index(by_name, names)
+    assert back["param_groups"] == sd["param_groups"] and set(back["state"]) == set(sd["state"])
+    assert all(torch.equal(back["state"][i]["exp_avg"], sd["state"][i]["exp_avg"]) for i in sd["state"])
+
+
+def test_flip_dataset_doubles_with_mirrors():
+    from vefast.recipes.data import FlipDataset
+
+    base = SyntheticImageDataset(3, 8, num_classes=2, seed=1)
+    ds = FlipDataset(base)
+    assert len(ds) == 6 and ds[4][1] == base[1][1]
+    assert torch.equal(ds[4][0], base[1][0].flip(-1)) and torch.equal(ds[1][0], base[1][0])
+    with pytest.raises(IndexError):
+        ds[6]
+
+
+def test_ldm_config_is_read_off_the_weights():
+    from vefast.models.tokenizer import AutoencoderKL, ldm_config_from_state_dict
+
+    ae = AutoencoderKL(base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, latent_channels=8)
+    cfg = ldm_config_from_state_dict(ae.state_dict())
+    assert cfg == dict(in_channels=3, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, latent_channels=8,
+                       norm_groups=32, mid_attn=True)
+    sd = dict(ae.state_dict(), **{"encoder.down.1.attn.0.q.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="attention inside its resolution levels"):
+        ldm_config_from_state_dict(sd)
+    with pytest.raises(ValueError, match="not an LDM autoencoder state dict"):
+        ldm_config_from_state_dict({"x": torch.zeros(1)})

@@ -52,12 +52,12 @@ class _VisionRotaryEmbeddingFast(torch.nn.Module):
 
 
 @pytest.mark.parametrize("head_dim,grid", [(72, 16), (64, 16), (128, 8), (8, 3), (96, 7)])
-def test_freqs_equal_lightningdit_buffers(head_dim, grid):
+def test_freqs_equal_lightningdit_buffers(head_dim, grid, device):
     ref = _VisionRotaryEmbeddingFast(dim=head_dim // 2, pt_seq_len=grid)
-    cos, sin = rope_2d_freqs(head_dim, grid)
-    assert cos.dtype == sin.dtype == torch.float32
+    cos, sin = rope_2d_freqs(head_dim, grid, device=device)
+    assert cos.dtype == sin.dtype == torch.float32 and cos.device.type == device.type
     assert cos.shape == sin.shape == (grid * grid, head_dim)
-    assert torch.equal(cos, ref.freqs_cos) and torch.equal(sin, ref.freqs_sin)
+    assert torch.equal(cos.cpu(), ref.freqs_cos) and torch.equal(sin.cpu(), ref.freqs_sin)
 
 
 def test_freqs_theta_and_layout():
@@ -71,11 +71,11 @@ def test_freqs_theta_and_layout():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_apply_rope_matches_lightningdit(dtype):
+def test_apply_rope_matches_lightningdit(dtype, device):
     head_dim, grid = 72, 5
-    ref = _VisionRotaryEmbeddingFast(dim=head_dim // 2, pt_seq_len=grid)
-    cos, sin = rope_2d_freqs(head_dim, grid)
-    x = torch.randn(2, 3, grid * grid, head_dim).to(dtype)
+    ref = _VisionRotaryEmbeddingFast(dim=head_dim // 2, pt_seq_len=grid).to(device)
+    cos, sin = rope_2d_freqs(head_dim, grid, device=device)
+    x = torch.randn(2, 3, grid * grid, head_dim).to(device, dtype)
     expected = ref(x).to(dtype)  # LightningDiT: float32 math through the float32 tables, then q.to(v.dtype)
     out = apply_rope(x, cos, sin)
     assert out.dtype == dtype
@@ -86,9 +86,9 @@ def test_apply_rope_matches_lightningdit(dtype):
         assert torch.equal(out, expected)
 
 
-def test_apply_rope_is_a_rotation_and_grad():
-    cos, sin = rope_2d_freqs(16, 3)
-    x = torch.randn(4, 9, 16, dtype=torch.float64, requires_grad=True)
+def test_apply_rope_is_a_rotation_and_grad(device):
+    cos, sin = rope_2d_freqs(16, 3, device=device)
+    x = torch.randn(4, 9, 16, dtype=torch.float64, device=device, requires_grad=True)
     out = apply_rope(x, cos, sin)
     # each interleaved pair is rotated: norms preserved
     torch.testing.assert_close(out.unflatten(-1, (-1, 2)).norm(dim=-1), x.unflatten(-1, (-1, 2)).norm(dim=-1))

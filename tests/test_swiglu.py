@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import err_bound, poison_, strided
+from helpers import err_bound, examples, poison_, strided
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -43,10 +43,11 @@ def test_values_and_grads(device, dtype, shape, poisoned_empty):
     _check(x12, dtype)
 
 
-@settings(max_examples=6)
+@settings(max_examples=examples(6))
 @given(M=st.integers(1, 50), H=st.integers(1, 300), seed=st.integers(0, 2**16))
-def test_shapes(M, H, seed):
-    _check(torch.randn(M, 2 * H, generator=torch.Generator().manual_seed(seed)) * 3, torch.float32, seed + 1)
+def test_shapes(device, M, H, seed):
+    x12 = torch.randn(M, 2 * H, generator=torch.Generator().manual_seed(seed)).to(device) * 3
+    _check(x12, torch.float32, seed + 1)
 
 
 def test_strided_input_and_stride0_grad(device):

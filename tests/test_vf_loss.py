@@ -1,14 +1,15 @@
-"""vefast.vf_loss (MATH §3a) against float64 MATH references and a re-implementation of VA-VAE's code."""
+"""vefast.vf_loss (docs/math.md §3a) against float64 MATH references and a re-implementation of VA-VAE's code."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import err_bound, strided
+from helpers import err_bound, examples, strided
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vefast
+from vefast.ops._common import record_fallbacks
 from vefast.ops.vf_loss import vf_loss_reference
 
 
@@ -30,7 +31,7 @@ def vavae_vf_loss(z, aux_feature, linear_proj_weight, cos_margin=0.5, distmat_ma
 
 
 def math_vf_loss(z, f, w, m1, m2, w_cos=1.0, w_dms=1.0):
-    """MATH §3a token by token (float64, loops over the batch)."""
+    """docs/math.md §3a token by token (float64, loops over the batch)."""
     total_cos, total_dms = 0.0, 0.0
     b, c = z.shape[:2]
     for i in range(b):
@@ -89,9 +90,9 @@ def test_fused_fp32_matches_float64(device, shape, margins):
     r, (rz, rw) = ref64(z, f, w, margin_cos=m1, margin_dms=m2, weight_cos=0.7, weight_dms=1.3)
     for x, y in zip(out, r):
         assert x.dtype == torch.float32
-        torch.testing.assert_close(x.double().cpu(), y, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gz.double().cpu(), rz, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(gw.double().cpu(), rw, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(x.double(), y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gz.double(), rz, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw.double(), rw, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -120,10 +121,10 @@ def test_strided_inputs_and_4d_weight(device):
     out = vefast.vf_loss(zs, fs, w4)
     gz, gw = grads(out, zs, w4)
     r, (rz, rw) = ref64(z, f, w4)
-    torch.testing.assert_close(out.loss.double().cpu(), r.loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gz.double().cpu(), rz, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.loss.double(), r.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gz.double(), rz, rtol=1e-4, atol=1e-6)
     assert gw.shape == w4.shape
-    torch.testing.assert_close(gw.double().cpu(), rw, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gw.double(), rw, rtol=1e-4, atol=1e-6)
 
 
 def test_mixed_dtypes_no_grad_and_determinism(device):
@@ -147,10 +148,9 @@ def ref_grads_loss_only(z, f, w, **kw):
     return (out.loss, *torch.autograd.grad(out.loss, (z64, w64)))
 
 
-@settings(max_examples=6)
+@settings(max_examples=examples(6))
 @given(b=st.integers(1, 2), c=st.integers(1, 12), h=st.integers(1, 5), w=st.integers(1, 6), d=st.integers(1, 36))
-def test_shapes_property(b, c, h, w, d):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+def test_shapes_property(device, b, c, h, w, d):
     z, f, wt = make(b, c, h, w, d, device=device, seed=b * 1000 + c * 100 + h * 10 + w)
     z.requires_grad_(), wt.requires_grad_()
     out = vefast.vf_loss(z, f, wt, margin_cos=0.2, margin_dms=0.1)
@@ -183,6 +183,7 @@ def test_torch_compile_fullgraph(device):
     torch.testing.assert_close(gw.double().cpu(), rw, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.expect_fallback("vf_loss:cpu")
 def test_cpu_eager_path_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     z, f, w = make(2, 4, 3, 3, 20, seed=13)
@@ -191,14 +192,52 @@ def test_cpu_eager_path_without_interpreter(monkeypatch):
     torch.testing.assert_close(out.loss.double(), r.loss, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.expect_fallback("vf_loss:float64")
 def test_float64_runs_reference_and_is_reported(device):
-    from vefast.ops._common import reported_fallbacks
-
     z, f, w = make(2, 4, 3, 3, 20, dtype=torch.float64, device=device, seed=19)
-    out = vefast.vf_loss(z, f, w)
+    with record_fallbacks() as events:
+        out = vefast.vf_loss(z, f, w)
     assert out.loss.dtype == torch.float64
     torch.testing.assert_close(out.loss, math_vf_loss(z, f, w, 0.5, 0.25)[0], rtol=1e-12, atol=1e-12)
-    assert "vf_loss:float64" in reported_fallbacks()
+    assert [e.key for e in events] == ["vf_loss:float64"]
+
+
+@pytest.mark.parametrize("where", ["z", "features"])
+def test_nan_propagates_like_eager(device, where):
+    """A NaN in one token of z or of the features makes both terms NaN, as in the eager reference (the
+    kernel's relu masks must not drop NaN)."""
+    z, f, w = make(2, 4, 4, 5, 20, device=device, seed=23)
+    (z if where == "z" else f)[1, 2, 3, 1] = float("nan")
+    with record_fallbacks() as events:
+        out = vefast.vf_loss(z, f, w)
+    assert events == []  # the fused path ran
+    ref = vf_loss_reference(z.double(), f.double(), w.double())
+    assert torch.isnan(ref.cos_loss) and torch.isnan(ref.dms_loss)
+    assert torch.isnan(out.cos_loss) and torch.isnan(out.dms_loss) and torch.isnan(out.loss)
+
+
+def test_batch_groups_masked_dims_and_single_term_grads(device):
+    """B = 9 (the backward's last batch group is partial), D' and N not multiples of the tiles, and a
+    gradient of one term alone (the other term's upstream gradient is 0)."""
+    z, f, w = make(9, 3, 3, 5, 17, device=device, seed=29)
+    z.requires_grad_(), w.requires_grad_()
+    for term in (1, 2):
+        out = vefast.vf_loss(z, f, w, margin_cos=0.1, margin_dms=0.05)
+        gz, gw = torch.autograd.grad(out[term], (z, w))
+        z64, w64 = z.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        r = vf_loss_reference(z64, f.double(), w64, margin_cos=0.1, margin_dms=0.05)
+        rz, rw = torch.autograd.grad(r[term], (z64, w64))
+        torch.testing.assert_close(out[term].double(), r[term], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gz.double(), rz, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(gw.double(), rw, rtol=1e-4, atol=1e-6)
+
+
+def test_feature_layout_messages():
+    z, f, w = make(2, 4, 3, 5, 20)
+    with pytest.raises(ValueError, match=r"\(B, D', h, w\) = \(B, D', 3, 5\).*\(2, 3, 5, 20\).*channels-last"):
+        vefast.vf_loss(z, f.permute(0, 2, 3, 1), w)
+    with pytest.raises(ValueError, match=r"\(B, D', h, w\) = \(B, D', 3, 5\).*\(2, 15, 20\).*tokens \(B, N, D'\)"):
+        vefast.vf_loss(z, f.flatten(2).transpose(1, 2), w)
 
 
 def test_bad_inputs():

@@ -1,0 +1,3 @@
+// Emulation shim: the CUDA header <cuda_bf16.h> resolves to cuda_emu.h in the CPU emulation lane.
+#pragma once
+#include "../cuda_emu.h"
