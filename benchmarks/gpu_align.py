@@ -1,6 +1,6 @@
-"""GPU benchmark of the alignment losses (issue 4, MATH.md §3): fwd+bwd time and peak memory.
+"""GPU benchmark of the alignment losses (issue 4, docs/math.md §3): fwd+bwd time and peak memory.
 
-Variants side by side: ``vefast`` (fused), ``eager`` (the MATH §3 formulas in eager PyTorch at the
+Variants side by side: ``vefast`` (fused), ``eager`` (the docs/math.md §3 formulas in eager PyTorch at the
 input dtype, i.e. VA-VAE's / ReaLS' code path: ``vf_loss_reference(upcast=False)``,
 ``align_loss_reference(upcast=False)``) and ``compile`` (``torch.compile`` of the eager code).
 Cases: B = 64, C = 32, N in {256, 1024}, D' in {768, 1024}, bf16.

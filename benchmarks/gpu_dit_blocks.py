@@ -1,16 +1,16 @@
-"""GPU benchmark of the fused DiT block ops (issue 5, MATH.md §7): one LightningDiT-XL block and each op.
+"""GPU benchmark of the fused DiT block ops (issue 5, docs/math.md §7): one LightningDiT-XL block and each op.
 
 Block case: one LightningDiT-XL/1 block (D = 1152, 16 heads of 72, RMSNorm, 2D RoPE, SwiGLU, released
 flags), bf16 weights and activations, B = 32, N = 256, forward + backward (parameter and input grads).
-Variants side by side: ``vefast`` (``patch_lightningdit``: norm_modulate, gated_residual fused with
-norm2, qk-norm/RoPE attention, swiglu), ``eager`` (the reference block) and ``compile``
+Variants side by side: ``vefast`` (``patch_lightningdit``: norm_modulate, gated_residual_norm_modulate
+for norm2, qk-norm/RoPE attention, swiglu), ``eager`` (the reference block) and ``compile``
 (``torch.compile(block)``). ``act_mem_bytes`` is the memory the forward leaves allocated for the
 backward (saved activations plus the block output): ``memory_allocated`` after the forward minus
 before it, parameters and inputs excluded. Goals (H100): >= 1.3x eager, >= 1.1x compile,
 activation memory <= 0.7x eager; block rows carry ``meets_goal``.
 
 Op cases (B = 32, N = 256, D = 1152, bf16, fwd+bwd): norm_modulate (LayerNorm and RMSNorm),
-gated_residual, gated_residual fused with norm_modulate, swiglu (hidden 3072), each against its
+gated_residual, gated_residual_norm_modulate (RMSNorm), swiglu (hidden 3072), each against its
 eager reference and ``torch.compile`` of it; ``hbm_fraction`` = achieved GB/s (minimal bytes:
 every tensor read or written once per pass) over the measured copy bandwidth.
 
@@ -75,7 +75,7 @@ def _block_cases(ceilings: dict[str, float]) -> list[dict[str, Any]]:
 
 def _op_cases(ceilings: dict[str, float]) -> list[dict[str, Any]]:
     import vefast
-    from vefast.ops.gated_residual import gated_residual_reference
+    from vefast.ops.gated_residual import gated_residual_norm_modulate_reference, gated_residual_reference
     from vefast.ops.norm_modulate import norm_modulate_reference
     from vefast.ops.swiglu import swiglu_reference
 
@@ -98,8 +98,9 @@ def _op_cases(ceilings: dict[str, float]) -> list[dict[str, Any]]:
         "gated_residual": (
             lambda f: f(x, y, gate), (x, y, gate), 5 * act, vefast.gated_residual, gated_residual_reference),
         "gated_residual_norm_modulate": (
-            lambda f: sum(f(x, y, gate, norm_modulate=(shift, scale, "rmsnorm", w))), (x, y, gate, shift, scale, w),
-            10 * act, vefast.gated_residual, gated_residual_reference),
+            lambda f: sum(f(x, y, gate, shift=shift, scale=scale, norm="rmsnorm", weight=w)),
+            (x, y, gate, shift, scale, w), 10 * act, vefast.gated_residual_norm_modulate,
+            gated_residual_norm_modulate_reference),
         "swiglu": (
             lambda f: f(x12), (x12,), 8 * B * N * hidden * x12.element_size(), vefast.swiglu, swiglu_reference),
     }

@@ -1,4 +1,4 @@
-"""CPU benchmark of the separation function (seed 004 eq. 3.3): the direct estimator (eq. 3.3 as written,
+"""CPU benchmark of the separation function ([VR] eq. 3.3): the direct estimator (eq. 3.3 as written,
 chunked torch: x_il in d dims, distances, softmax, posterior mean) vs vefast's Gram path, M = 200,
 K = 500, d in {4096, 16384}, on 2 SNR values in the dense region (r = 0.02, 0.05: no row is skipped,
 the worst case for vefast). Both costs are linear in the number of such r values (direct: O(M K M d)
@@ -51,3 +51,35 @@ def test_separation_cpu(benchmark, variant, d):
         if ta and tb:
             benchmark.extra_info["speedup_vs_direct"] = ta / tb
             print(f"\nd={d}: direct {ta:.2f} s, vefast {tb:.2f} s, speedup {ta / tb:.1f}x")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the whole table (issue 13 item 7): S at every timestep's SNR (exact mode) vs a 128-point log-SNR grid
+# with PCHIP interpolation, paper configuration (M = 200, K = 500, d = 4x32x32, 1000 linear-path
+# timesteps, Gaussian data), torch Gram path on the CPU.
+_tables: dict = {}
+
+
+@pytest.mark.parametrize("mode", ["exact", "grid"])
+def test_vr_table_cpu(benchmark, mode, monkeypatch):
+    from vefast.sampling import VRTimestepSampler
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the torch Gram path a CPU user runs
+    x = torch.randn(M, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def build():
+        return VRTimestepSampler.from_data(x, "linear", num_noise=K, num_t=1000, snr_points=None if mode == "exact" else 128,
+                                           generator=torch.Generator().manual_seed(0))
+
+    table = benchmark.pedantic(build, rounds=1, iterations=1, warmup_rounds=0)
+    _tables[mode] = (table, benchmark.stats.stats.median if benchmark.stats else table.meta["seconds"])
+    benchmark.extra_info.update({"M": M, "K": K, "d": 4096, "num_t": 1000, "snr_values": table.snr_grid.numel(),
+                                 "quarter_mass": table.quarter_mass(), "m": table.fit_logit_normal()})
+    if len(_tables) == 2:
+        (ex, te), (gr, tg) = _tables["exact"], _tables["grid"]
+        ks = gr.ks_distance(ex)
+        benchmark.extra_info.update({"ks_grid_vs_exact": ks, "speedup_vs_exact": te / tg})
+        print(f"\nVR table, paper size: exact {te:.1f} s ({ex.snr_grid.numel()} SNR values), grid {tg:.1f} s "
+              f"({gr.snr_grid.numel()}), {te / tg:.1f}x; KS(grid, exact) = {ks:.2e}; m = {ex.fit_logit_normal()} / "
+              f"{gr.fit_logit_normal()}")
+        assert ks < 1e-3
