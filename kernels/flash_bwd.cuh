@@ -265,35 +265,18 @@ __global__ void __launch_bounds__(DkdvConfig<HDP>::kThreads, 1) flash_bwd_dkdv_k
 
 // ---------------------------------------------------------------------------------------------
 // Launchers.
-template <typename T, int HDP>
-cudaError_t launch_flash_bwd_t(const Params& p, cudaStream_t stream) {
-  constexpr size_t smem_dq = dq_smem_bytes<HDP>();
-  constexpr size_t smem_kv = dkdv_smem_bytes<HDP>();
-  cudaError_t err = cudaFuncSetAttribute(flash_bwd_dq_kernel<T, HDP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem_dq));
-  if (err != cudaSuccess) return err;
-  err = cudaFuncSetAttribute(flash_bwd_dkdv_kernel<T, HDP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(smem_kv));
-  if (err != cudaSuccess) return err;
-  const dim3 grid_dq(static_cast<unsigned>((p.N + DqConfig::kBlockM - 1) / DqConfig::kBlockM),
-                     static_cast<unsigned>(p.H), static_cast<unsigned>(p.B));
-  err = ptx::launch(flash_bwd_dq_kernel<T, HDP>, grid_dq, dim3(DqConfig::kThreads), smem_dq, stream, p);
-  if (err != cudaSuccess) return err;
-  using KV = DkdvConfig<HDP>;
-  const dim3 grid_kv(static_cast<unsigned>((p.N + KV::kBlockN - 1) / KV::kBlockN), static_cast<unsigned>(p.H),
-                     static_cast<unsigned>(p.B));
-  return ptx::launch(flash_bwd_dkdv_kernel<T, HDP>, grid_kv, dim3(KV::kThreads), smem_kv, stream, p);
-}
-
+// dQ (with D = rowsum(dO o O)) per Q tile, then dK / dV per K tile, on one stream.
 template <typename T>
 cudaError_t launch_flash_bwd_dtype(const Params& p, cudaStream_t stream) {
-  switch (attn::padded_head_dim(p.head_dim)) {
-    case 64: return launch_flash_bwd_t<T, 64>(p, stream);
-    case 80: return launch_flash_bwd_t<T, 80>(p, stream);
-    case 96: return launch_flash_bwd_t<T, 96>(p, stream);
-    case 128: return launch_flash_bwd_t<T, 128>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_padded_head_dim(p.head_dim, [&](auto hdp) {
+    constexpr int HDP = decltype(hdp)::value;
+    using KV = DkdvConfig<HDP>;
+    const cudaError_t err = launch_row_tiles(flash_bwd_dq_kernel<T, HDP>, DqConfig::kBlockM, DqConfig::kThreads,
+                                             dq_smem_bytes<HDP>(), p, stream);
+    if (err != cudaSuccess) return err;
+    return launch_row_tiles(flash_bwd_dkdv_kernel<T, HDP>, KV::kBlockN, KV::kThreads, dkdv_smem_bytes<HDP>(), p,
+                            stream);
+  });
 }
 
 }  // namespace flash

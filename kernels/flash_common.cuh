@@ -26,6 +26,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "attention_params.cuh"
 #include "ptx.cuh"
@@ -335,6 +336,33 @@ __device__ __forceinline__ void store_acc_rows(const float acc[HDP / 8][4], T* t
       if (row0 + r < N && 8 * c < head_dim)
         *reinterpret_cast<uint4*>(out + static_cast<int64_t>(row0 + r) * sn + 8 * c) = v;
     }
+  }
+}
+
+// ---- host side: launches ----
+// One CTA of `threads` per (`tile_rows` rows of the sequence, head, batch item), with `smem` bytes of dynamic
+// shared memory (allowed first: above 48 KiB a launch needs the attribute).
+template <typename Kernel>
+inline cudaError_t launch_row_tiles(Kernel kernel, int tile_rows, int threads, size_t smem, const Params& p,
+                                    cudaStream_t stream) {
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>((p.N + tile_rows - 1) / tile_rows), static_cast<unsigned>(p.H),
+                  static_cast<unsigned>(p.B));
+  return ptx::launch(kernel, grid, dim3(threads), smem, stream, p);
+}
+
+// `launch(std::integral_constant<int, HDP>{})` at the head dim the kernels compute at (attn::padded_head_dim:
+// 72 runs as 80); cudaErrorInvalidValue for any other head dim.
+template <typename Launch>
+inline cudaError_t dispatch_padded_head_dim(int head_dim, Launch&& launch) {
+  switch (attn::padded_head_dim(head_dim)) {
+    case 64: return launch(std::integral_constant<int, 64>{});
+    case 80: return launch(std::integral_constant<int, 80>{});
+    case 96: return launch(std::integral_constant<int, 96>{});
+    case 128: return launch(std::integral_constant<int, 128>{});
+    default: return cudaErrorInvalidValue;
   }
 }
 

@@ -146,27 +146,13 @@ __global__ void __launch_bounds__(FwdConfig::kThreads, FwdConfig::min_blocks<HDP
   }
 }
 
-template <typename T, int HDP>
-cudaError_t launch_flash_fwd_t(const Params& p, cudaStream_t stream) {
-  using C = FwdConfig;
-  constexpr size_t smem = fwd_smem_bytes<HDP>();
-  cudaError_t err = cudaFuncSetAttribute(flash_fwd_kernel<T, HDP>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem));
-  if (err != cudaSuccess) return err;
-  const dim3 grid(static_cast<unsigned>((p.N + C::kBlockM - 1) / C::kBlockM), static_cast<unsigned>(p.H),
-                  static_cast<unsigned>(p.B));
-  return ptx::launch(flash_fwd_kernel<T, HDP>, grid, dim3(C::kThreads), smem, stream, p);
-}
-
 template <typename T>
 cudaError_t launch_flash_fwd_dtype(const Params& p, cudaStream_t stream) {
-  switch (attn::padded_head_dim(p.head_dim)) {
-    case 64: return launch_flash_fwd_t<T, 64>(p, stream);
-    case 80: return launch_flash_fwd_t<T, 80>(p, stream);
-    case 96: return launch_flash_fwd_t<T, 96>(p, stream);
-    case 128: return launch_flash_fwd_t<T, 128>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return dispatch_padded_head_dim(p.head_dim, [&](auto hdp) {
+    constexpr int HDP = decltype(hdp)::value;
+    return launch_row_tiles(flash_fwd_kernel<T, HDP>, FwdConfig::kBlockM, FwdConfig::kThreads,
+                            fwd_smem_bytes<HDP>(), p, stream);
+  });
 }
 
 }  // namespace flash
