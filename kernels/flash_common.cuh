@@ -339,6 +339,17 @@ __device__ __forceinline__ void store_acc_rows(const float acc[HDP / 8][4], T* t
   }
 }
 
+// The log-sum-exp of a warp's 16 rows (rows row0 + g and row0 + g + 8 of lane quad g), in natural log:
+// m is the running max in log2 units, l the full row sum of exp2(s - m).
+__device__ __forceinline__ void store_lse(const Params& p, int b, int h, int row0, int lane, const float m[2],
+                                          float l0, float l1) {
+  if ((lane & 3) != 0) return;
+  float* lse = p.lse + (static_cast<int64_t>(b) * p.H + h) * p.N;
+  const int g = lane >> 2;
+  if (row0 + g < p.N) lse[row0 + g] = m[0] * kLn2 + logf(l0);
+  if (row0 + g + 8 < p.N) lse[row0 + g + 8] = m[1] * kLn2 + logf(l1);
+}
+
 // ---- host side: launches ----
 // One CTA of `threads` per (`tile_rows` rows of the sequence, head, batch item), with `smem` bytes of dynamic
 // shared memory (allowed first: above 48 KiB a launch needs the attribute).

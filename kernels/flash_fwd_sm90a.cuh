@@ -233,12 +233,7 @@ __global__ void __launch_bounds__(Sm90aFwdConfig::kThreads, Sm90aFwdConfig::min_
   // The warp's own 16 rows of sQ (read only by this warp since the barriers above) stage the output.
   store_acc_rows<T, HDP, LQ>(reinterpret_cast<const float(*)[4]>(o), sQ, 16 * warp, slice_out<T>(p.o, b, h), p.o.sn,
                              row0, N, hd, 1.f / l0, 1.f / l1);
-  if ((lane & 3) == 0) {
-    float* lse = p.lse + (static_cast<int64_t>(b) * p.H + h) * N;
-    const int g = lane >> 2;
-    if (row0 + g < N) lse[row0 + g] = m[0] * kLn2 + logf(l0);
-    if (row0 + g + 8 < N) lse[row0 + g + 8] = m[1] * kLn2 + logf(l1);
-  }
+  store_lse(p, b, h, row0, lane, m, l0, l1);
 #else
   __trap();  // compiled for another architecture than sm_90a: never launched (attn::use_sm90a_forward)
 #endif
