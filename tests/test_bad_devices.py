@@ -104,3 +104,15 @@ def test_elementwise_meta_in_meta_out(sampler):
     t = torch.rand(7, device=META)
     for out in (sampler.pdf(t), sampler.cdf(t), sampler.icdf(t), vefast.path("vp").snr(t), vefast.path("cosine").h(t)):
         assert out.device.type == "meta" and out.shape == (7,)
+
+
+@pytest.mark.expect_fallback("timestep_sample:meta")
+def test_sample_on_meta_says_meta_not_cpu():
+    """A VR sampler asked for meta timesteps gives meta of the right shape, and the fallback names the meta
+    device (not "CPU tensors")."""
+    vr = VRTimestepSampler.from_separation([0.5, 1.0, 4.0], [0.1, 0.5, 0.9], num_t=50)
+    with vefast.record_fallbacks() as events:
+        t = vr.sample(5, device=META)
+    assert t.device.type == "meta" and t.shape == (5,)
+    assert [(e.op, e.reason) for e in events] == [("timestep_sample", "meta")], events
+    assert "meta tensors" in events[0].message

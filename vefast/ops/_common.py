@@ -74,7 +74,11 @@ def triton_path(op: str, *tensors: torch.Tensor | None, float64_in_kernel: bool 
     interpreter, or float64 inputs for kernels that compute in fp32 (``float64_in_kernel=False``)."""
     present = [t for t in tensors if t is not None]
     if not use_triton(*present):
-        report_once(f"{op}:cpu", f"{op}: CPU tensors run the eager reference (Triton needs CUDA or TRITON_INTERPRET=1)")
+        if present and present[0].device.type == "meta":  # shapes only (deferred init): the reference's shapes
+            report_once(f"{op}:meta", f"{op}: meta tensors run the eager reference (no data, no kernel to launch)")
+        else:
+            report_once(f"{op}:cpu",
+                        f"{op}: CPU tensors run the eager reference (Triton needs CUDA or TRITON_INTERPRET=1)")
         return False
     if not float64_in_kernel and any(t.dtype == torch.float64 for t in present):
         report_once(f"{op}:float64", f"{op}: float64 inputs run the eager reference (the kernels accumulate in fp32)")
