@@ -274,3 +274,27 @@ def test_grid_axis_limit_is_a_clear_error():
     _common.check_grid_axis("norm_modulate: batch size B", 65535)
     with pytest.raises(ValueError, match=r"batch size B = 65536 exceeds 65535"):
         _common.check_grid_axis("norm_modulate: batch size B", 65536)
+
+
+def test_int_and_generator_checks_are_one_helper_each():
+    """check_int refuses bools and non-ints with TypeError and values below the minimum with ValueError,
+    naming the argument; check_generator refuses anything but a torch.Generator or None. The public APIs
+    use them (one message everywhere)."""
+    from vefast.ops._common import check_generator, check_int
+
+    check_int("n", 0, min_value=0)
+    for bad in (True, 1.0, "3", None):
+        with pytest.raises(TypeError, match="n must be an int"):
+            check_int("n", bad, min_value=0)
+    with pytest.raises(ValueError, match="width must be a positive int, got 0"):
+        check_int("width", 0, min_value=1)
+    with pytest.raises(ValueError, match="num_t must be an int >= 2, got 1"):
+        check_int("num_t", 1, min_value=2)
+    check_generator(None)
+    check_generator(torch.Generator())
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        check_generator(0)
+    with pytest.raises(TypeError, match="num_noise must be an int"):
+        vefast.separation_function(torch.randn(8, 3), [1.0], num_noise=2.0)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        vefast.UniformSampler().sample(3, generator=1)

@@ -99,7 +99,7 @@ def test_apply_rope_is_a_rotation_and_grad(device):
 def test_bad_inputs():
     with pytest.raises(ValueError, match="head_dim must be a positive multiple of 4"):
         rope_2d_freqs(70, 4)
-    with pytest.raises(ValueError, match="grid must be positive"):
+    with pytest.raises(ValueError, match="grid must be a positive int"):
         rope_2d_freqs(64, 0)
     with pytest.raises(TypeError, match="head_dim must be an int"):
         rope_2d_freqs(64.0, 4)

@@ -217,7 +217,7 @@ def test_bad_inputs():
         vefast.separation_function(x[0], [1.0])
     with pytest.raises(ValueError, match="constant dimension"):
         vefast.separation_function(torch.cat([x, torch.ones(5, 1, dtype=x.dtype)], 1), [1.0], num_noise=2)
-    with pytest.raises(ValueError, match="num_noise must be an int >= 1"):
+    with pytest.raises(ValueError, match="num_noise must be a positive int"):
         vefast.separation_function(x, [1.0], num_noise=0)
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         vefast.separation_function(x, [1.0], generator=3)

@@ -109,7 +109,7 @@ def test_mixture_bad_inputs(tree):
         tree.log_prob(torch.zeros(4, 3))
     with pytest.raises(ValueError, match=r"x must be a tensor of shape \(N, 2\)"):
         tree.score(torch.zeros(4))
-    with pytest.raises(ValueError, match="n must be a non-negative int"):
+    with pytest.raises(ValueError, match="n must be an int >= 0"):
         tree.sample(-1)
     with pytest.raises(ValueError, match="expected phi"):
         GaussianMixture2D(torch.ones(3), torch.zeros(3, 2), torch.eye(2).expand(2, 2, 2))
@@ -129,7 +129,7 @@ def test_models_shapes_and_bad_arguments():
     assert v.time_embedding(torch.rand(5)).shape == (5, 7)
     with pytest.raises(ValueError, match="act must be one of"):
         mlp(2, 2, 8, 3, act="tanhh")
-    with pytest.raises(ValueError, match="depth must be an int >= 2"):
+    with pytest.raises(ValueError, match=r"depth \(Linear layers\) must be an int >= 2"):
         mlp(2, 2, 8, 1)
     with pytest.raises(ValueError, match="width must be a positive int"):
         mlp(2, 2, 0, 3)

@@ -17,6 +17,8 @@ import math
 import torch
 from torch import nn
 
+from ..ops._common import check_int
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
 
 
@@ -24,10 +26,8 @@ def mlp(in_dim: int, out_dim: int, width: int, depth: int, act: str = "relu") ->
     """``depth`` Linear layers ``in -> width -> ... -> width -> out`` with ``act`` between them."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 2:
-        raise ValueError(f"depth must be an int >= 2 (Linear layers), got {depth!r}")
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ValueError(f"width must be a positive int, got {width!r}")
+    check_int("depth (Linear layers)", depth, min_value=2)
+    check_int("width", width, min_value=1)
     dims = [in_dim] + [width] * (depth - 1) + [out_dim]
     layers: list[nn.Module] = []
     for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
@@ -63,8 +63,8 @@ class ToyVelocity(nn.Module):
     def __init__(self, width: int = 512, depth: int = 8, act: str = "relu", latent_dim: int = 2,
                  time_features: int = 16) -> None:
         super().__init__()
-        if isinstance(time_features, bool) or not isinstance(time_features, int) or time_features < 0 \
-                or time_features % 2:
+        check_int("time_features", time_features, min_value=0)
+        if time_features % 2:
             raise ValueError(f"time_features must be an even int >= 0, got {time_features!r}")
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(time_features // 2, dtype=torch.float32),
                              persistent=False)

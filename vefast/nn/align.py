@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..ops._common import check_int
 from ..ops.align_loss import AlignOutput, align_loss, repa_loss
 from ..ops.vf_loss import VFOutput, vf_loss
 
@@ -24,8 +25,7 @@ class VFLoss(nn.Module):
                  weight_cos: float = 1.0, weight_dms: float = 1.0) -> None:
         super().__init__()
         for name, value in (("latent_dim", latent_dim), ("feature_dim", feature_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, value, min_value=1)
         self.linear_proj = nn.Conv2d(latent_dim, feature_dim, kernel_size=1, bias=False)
         self.margin_cos, self.margin_dms = margin_cos, margin_dms
         self.weight_cos, self.weight_dms = weight_cos, weight_dms
@@ -76,8 +76,7 @@ class ReaLSAlignHead(nn.Module):
         super().__init__()
         hidden_dim = feature_dim if hidden_dim is None else hidden_dim
         for name, value in (("latent_dim", latent_dim), ("feature_dim", feature_dim), ("hidden_dim", hidden_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, value, min_value=1)
         self.patch_mlp = _mlp(latent_dim, hidden_dim, feature_dim)
         self.cls_mlp = _mlp(latent_dim, hidden_dim, feature_dim)
         self.weight_cos, self.weight_smooth, self.beta = weight_cos, weight_smooth, beta
@@ -140,8 +139,7 @@ class REPAProjector(nn.Sequential):
 
     def __init__(self, hidden_dim: int, feature_dim: int, proj_dim: int = 2048) -> None:
         for name, value in (("hidden_dim", hidden_dim), ("feature_dim", feature_dim), ("proj_dim", proj_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, value, min_value=1)
         super().__init__(nn.Linear(hidden_dim, proj_dim), nn.SiLU(), nn.Linear(proj_dim, proj_dim), nn.SiLU(),
                          nn.Linear(proj_dim, feature_dim))
 

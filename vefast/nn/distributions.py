@@ -29,7 +29,7 @@ from functools import cached_property
 
 import torch
 
-from ..ops._common import check_same_device, check_tensor, triton_path
+from ..ops._common import check_generator, check_same_device, check_tensor, triton_path
 from ..ops.reparam import KLOutput, VEOutput, kl_loss_from_moments, ve_loss_from_moments
 
 __all__ = ["DiagonalGaussianDistribution"]
@@ -70,8 +70,7 @@ class DiagonalGaussianDistribution:
 
     def _ldm_noise(self, generator: torch.Generator | None) -> torch.Tensor:
         """LDM's ``torch.randn(mean.shape).to(device)``: float32, drawn on the generator's device."""
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        check_generator(generator)
         where = generator.device if generator is not None else torch.device("cpu")
         return torch.randn(self.mean.shape, generator=generator, device=where).to(device=self.parameters.device)
 

@@ -223,6 +223,21 @@ def check_not_meta(op: str, **tensors: object) -> None:
             raise ValueError(f"{op}: {name} is on the meta device (no data): pass a tensor with values (CPU or CUDA)")
 
 
+def check_generator(generator: object) -> None:
+    """TypeError unless ``generator`` is a ``torch.Generator`` or None."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+def check_int(name: str, value: object, *, min_value: int | None = None) -> None:
+    """TypeError unless ``value`` is an int (a bool is not); ValueError when it is below ``min_value``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if min_value is not None and value < min_value:
+        what = "a positive int" if min_value == 1 else f"an int >= {min_value}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+
+
 def check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -286,8 +301,7 @@ def draw_seed(generator: torch.Generator | None = None) -> torch.Tensor:
     differ. Ops take the seed as a tensor argument and read it inside the custom op
     (:func:`host_item`), so no ``.item()`` lands in a ``torch.compile`` graph.
     """
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    check_generator(generator)
     if generator is None or generator.device.type == "cpu":
         seed = torch.randint(0, SEED_MAX, (), generator=generator, dtype=torch.int64)
     else:

@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (check_finite_number, check_reduction, check_same_device, check_same_shape, check_tensor,
+from ._common import (check_finite_number, check_generator, check_reduction, check_same_device, check_same_shape, check_tensor,
                       draw_seed, host_item, interpret_mode, on_tensor_device, reduction_scale, triton_path)
 
 __all__ = ["VEOutput", "KLOutput", "ve_loss", "kl_loss", "ve_loss_reference", "kl_loss_reference", "NOISE_Q"]
@@ -576,8 +576,7 @@ def _check_args(mean, logvar, noise, generator, reduction, *, moments: bool = Fa
     if noise is not None:
         check_tensor("noise", noise)
         check_same_device(**{name: mean, "noise": noise})
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    check_generator(generator)
     check_reduction(reduction)
     if mean.numel() == 0:
         raise ValueError(f"{name} must have at least one element, got shape {tuple(mean.shape)}")

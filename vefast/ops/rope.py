@@ -25,14 +25,9 @@ from __future__ import annotations
 
 import torch
 
+from ._common import check_int
+
 __all__ = ["rope_2d_freqs", "apply_rope", "rotate_half"]
-
-
-def _check_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
 
 
 def rope_2d_freqs(head_dim: int, grid: int | tuple[int, int], *, theta: float = 10000.0,
@@ -40,7 +35,7 @@ def rope_2d_freqs(head_dim: int, grid: int | tuple[int, int], *, theta: float = 
     """(cos, sin), each (rows*cols, head_dim) float32. ``grid`` = n (a square n x n token map: LightningDiT's
     ``VisionRotaryEmbeddingFast(dim=head_dim // 2, pt_seq_len=n)`` buffers ``freqs_cos``/``freqs_sin``) or
     (rows, cols) for a non-square map (token ``i * cols + j``, the same per-axis angles)."""
-    _check_int("head_dim", head_dim)
+    check_int("head_dim", head_dim, min_value=1)
     if head_dim % 4 != 0:
         raise ValueError(f"head_dim must be a positive multiple of 4 (two axes of rotated pairs), got {head_dim}")
     if isinstance(grid, tuple):
@@ -49,8 +44,8 @@ def rope_2d_freqs(head_dim: int, grid: int | tuple[int, int], *, theta: float = 
         n_rows, n_cols = grid
     else:
         n_rows = n_cols = grid
-    _check_int("grid", n_rows)
-    _check_int("grid", n_cols)
+    check_int("grid", n_rows, min_value=1)
+    check_int("grid", n_cols, min_value=1)
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0 or theta == float("inf"):
         raise ValueError(f"theta must be a finite positive number, got {theta!r}")
     dim = head_dim // 2

@@ -134,8 +134,7 @@ def timestep_sample(table: torch.Tensor, n: int, *, seed: torch.Tensor | None = 
     ``generator`` and the eager lookup. Same seed or generator state -> same samples.
     """
     check_table(table)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    _common.check_int("n", n, min_value=0)
     if seed is not None:
         check_seed(seed)
     if _common.triton_path("timestep_sample", table, float64_in_kernel=True):

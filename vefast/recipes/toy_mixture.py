@@ -31,6 +31,8 @@ import math
 import numpy as np
 import torch
 
+from ..ops._common import check_int
+
 SIGMA_DATA = 0.5
 DEPTH = 7            # segment depths 0..6: the main branch split recursively 6 times
 PER_SEGMENT = 8      # Gaussians per segment
@@ -161,8 +163,7 @@ class GaussianMixture2D:
     def sample(self, n: int, generator: torch.Generator | None = None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``n`` exact samples (n, 2): a component by weight, then ``mu_i + chol(Sigma_i) eps``."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        check_int("n", n, min_value=0)
         idx = torch.multinomial(self.phi, n, replacement=True, generator=generator) if n else \
             torch.zeros(0, dtype=torch.long)
         eps = torch.randn(n, 2, 1, dtype=torch.float64, generator=generator)

@@ -10,6 +10,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
+from ..ops._common import check_generator, check_int
 from ..ops.timestep_sample import T_HI, T_LO, uniforms_reference
 from .paths import _as_t
 
@@ -27,16 +28,10 @@ def interp1d(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tenso
 
 
 def _resolve_device(device: torch.device | str | None, generator: torch.Generator | None) -> torch.device:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    check_generator(generator)
     if device is None:
         return generator.device if generator is not None else torch.device("cpu")
     return torch.device(device)
-
-
-def _check_n(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"n must be an int >= 0, got {n!r}")
 
 
 class TimestepSampler(ABC):
@@ -73,7 +68,7 @@ class TimestepSampler(ABC):
         generator's device (from a CPU generator to a CUDA ``device``: a host->device copy that does not
         wait for the stream) and no value is read back.
         """
-        _check_n(n)
+        check_int("n", n, min_value=0)
         dev = _resolve_device(device, generator)
         t = self._draw(n, dev, generator)
         if not return_weights:

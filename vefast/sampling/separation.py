@@ -59,8 +59,7 @@ def standardize(x: torch.Tensor) -> torch.Tensor:
 def draw_noise(k: int, d: int, *, dtype: torch.dtype, device: torch.device,
                generator: torch.Generator | None) -> torch.Tensor:
     """K standard normal rows of dimension d, drawn on the generator's device, then moved to ``device``."""
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    _common.check_generator(generator)
     gen_device = generator.device if generator is not None else torch.device("cpu")
     return torch.randn(k, d, generator=generator, dtype=dtype, device=gen_device).to(device)
 
@@ -109,8 +108,7 @@ def separation_function(x1: torch.Tensor, snr: torch.Tensor | Sequence[float] | 
     r = _as_snr(snr)
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     if noise is None:
-        if isinstance(num_noise, bool) or not isinstance(num_noise, int) or num_noise < 1:
-            raise ValueError(f"num_noise must be an int >= 1, got {num_noise!r}")
+        _common.check_int("num_noise", num_noise, min_value=1)
         e = draw_noise(num_noise, d, dtype=work, device=x.device, generator=generator)
     else:
         e = _flatten_rows("noise", noise, rows="K", min_rows=1)

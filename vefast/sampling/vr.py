@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .._version import __version__
-from ..ops._common import check_finite_number, check_not_meta, check_tensor
+from ..ops._common import check_finite_number, check_int, check_not_meta, check_tensor
 from ..ops.timestep_sample import timestep_sample
 from .paths import Path, _as_t, path as get_path
 from .samplers import LogitNormalSampler, TimestepSampler, interp1d
@@ -45,11 +45,6 @@ TABLE_TOL = 1e-5
 SNR_POINTS = 128  # default log-SNR grid of from_data (docs/vr_sampling.md, "Cost: a log-SNR grid")
 INTERPS = ("linear", "pchip")
 _META_KEYS = ("M", "K", "d", "seed", "normalize", "estimator", "snr_points", "seconds")
-
-
-def _check_int(name: str, v: int, min_value: int) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < min_value:
-        raise ValueError(f"{name} must be an int >= {min_value}, got {v!r}")
 
 
 def _check_t_max(t_max: float) -> None:
@@ -197,7 +192,7 @@ class VRTimestepSampler(TimestepSampler):
         (``interp``: "linear" or the monotone cubic "pchip"); ``mix_uniform``: uniform floor weight."""
         check_not_meta("VRTimestepSampler.from_separation", snr=snr, S=S)
         p = get_path(path)
-        _check_int("num_t", num_t, 2)
+        check_int("num_t", num_t, min_value=2)
         _check_t_max(t_max)
         snr_t = torch.as_tensor(snr, dtype=torch.float64).flatten()
         s_t = torch.as_tensor(S, dtype=torch.float64).flatten()
@@ -228,19 +223,18 @@ class VRTimestepSampler(TimestepSampler):
         float64 ``x1`` the float64 torch path."""
         check_not_meta("VRTimestepSampler.from_data", x1=x1)
         p = get_path(path)
-        _check_int("num_t", num_t, 2)
+        check_int("num_t", num_t, min_value=2)
         _check_t_max(t_max)
         _check_mix(mix_uniform)
         check_tensor("x1", x1)
         if snr_points is not None:
-            _check_int("snr_points", snr_points, 8)
+            check_int("snr_points", snr_points, min_value=8)
         knots = torch.linspace(0.0, t_max, num_t, dtype=torch.float64)
         r = p.snr(knots)
         r = r[r > 0]
         if r.numel() < 2:
             raise ValueError("num_t is too small: fewer than 2 knots with a positive SNR")
-        if isinstance(num_noise, bool) or not isinstance(num_noise, int) or num_noise < 1:
-            raise ValueError(f"num_noise must be an int >= 1, got {num_noise!r}")
+        check_int("num_noise", num_noise, min_value=1)
         start = time.perf_counter()
         d = int(x1[0].numel())
         work = torch.float64 if x1.dtype == torch.float64 else torch.float32
