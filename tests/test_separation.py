@@ -357,3 +357,36 @@ def test_separation_kernel_spills_nothing_with_or_without_leave_one_out():
     rows = json.loads(p.stdout.strip().splitlines()[-1])
     assert [r["spills"] for r in rows] == [[0, 0], [0, 0]], rows
     assert rows[0]["regs"] <= 128, rows
+
+
+def test_torch_fp32_path_keeps_the_complement_accurate_near_collapse_when_d_below_m():
+    """d < M: the torch path contracts with the posterior means centred at each row's own data point, so
+    1 - S keeps its relative accuracy in fp32 where it is ~1e-12 (uncentred, two O(d) terms cancelled and
+    left ~d eps per row: 1e-9, 700x off)."""
+    g = torch.Generator().manual_seed(1)
+    m, d, k = 40, 39, 8
+    x = standardize(torch.randn(m, d, generator=g, dtype=torch.float64))
+    e = torch.randn(k, d, generator=g, dtype=torch.float64)
+    r = torch.tensor([0.8, 1.534], dtype=torch.float64)
+    st = sep.gram_stats(x, e)
+    c64 = sep.separation_complement_torch(x, st, r, dtype=torch.float64)
+    c32 = sep.separation_complement_torch(x, st, r, dtype=torch.float32)
+    assert 0 < float(c64[1]) / (m * k * d) < 1e-10  # deep in the collapse
+    torch.testing.assert_close(c32, c64, rtol=1e-4, atol=0.0)
+
+
+@pytest.mark.expect_fallback("separation_function:float64", "separation_function:cpu")
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_huge_snr_is_the_collapsed_limit_not_nan(path, monkeypatch):
+    """SNR values past SNR_MAX are computed there (every posterior one-hot in fp32 and float64): finite, and
+    the same as float64, with the leave-one-out estimator too (r^2 would overflow fp32)."""
+    if path == "torch":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    g = torch.Generator().manual_seed(0)
+    x, e = torch.randn(6, 5, generator=g), torch.randn(4, 5, generator=g)
+    r = [1e3, 1e19, 1e30]
+    for loo in (False, True):
+        got = vefast.separation_function(x, r, noise=e, leave_one_out=loo)
+        want = vefast.separation_function(x.double(), r, noise=e.double(), leave_one_out=loo)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)

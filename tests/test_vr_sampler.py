@@ -362,3 +362,28 @@ def test_dit_config_vr_mix_uniform(tmp_path):
                                                    "transport.vr_mix_uniform=0.25"])
     sampler = build_timestep_sampler(cfg, None, torch.device("cpu"))
     assert sampler.mix_uniform == 0.25
+
+
+@pytest.mark.expect_fallback("separation_function:cpu")
+def test_from_data_unstandardized_takes_s_in_units_of_the_data_scale(monkeypatch):
+    """normalize=False: S tends to the data's mean square per dim, not 1, so the density h^2 (E||x||^2/d - S)
+    uses S in those units: standardized data give the same table either way, and scaled data no longer pile
+    their mass at t -> 1 (S < mean square: 1 - S never vanished) or lose it (S > 1 clipped). The torch path
+    (the math, not the kernel: interpreted, 200 SNR values take minutes)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    g = torch.Generator().manual_seed(3)
+    x = standardize(torch.randn(24, 6, generator=g, dtype=torch.float64)).float()
+    kw = dict(num_noise=16, num_t=200, snr_points=None, generator=None)
+    a = VRTimestepSampler.from_data(x, normalize=True, **kw | {"generator": torch.Generator().manual_seed(1)})
+    b = VRTimestepSampler.from_data(x, normalize=False, **kw | {"generator": torch.Generator().manual_seed(1)})
+    torch.testing.assert_close(b.density, a.density, rtol=1e-5, atol=1e-6)
+    for scale in (0.5, 2.0):
+        v = VRTimestepSampler.from_data(scale * x, normalize=False, **kw | {"generator": torch.Generator().manual_seed(1)})
+        assert float(v.S_grid.max()) <= 1.0 + 1e-6 and v.mass(0.99, 1.0) < 0.01
+
+
+def test_from_data_names_x1_when_it_has_no_rows():
+    with pytest.raises(ValueError, match="x1 must have at least M = 2 rows"):
+        VRTimestepSampler.from_data(torch.zeros(0, 4))
+    with pytest.raises(ValueError, match="x1 must have shape"):
+        VRTimestepSampler.from_data(torch.tensor(1.0))

@@ -120,8 +120,10 @@ def separation_complement_torch(x1: torch.Tensor, st: dict[str, torch.Tensor], s
     Only sums over (i, l) are needed, so per block of data rows i the (K, M) weights give
     ``c_ij = sum_l w_ilj`` (then ``sum_j c_ij (G_ii - G_jj)``, no cancellation) and the Gram sum
     ``W^T W`` accumulates over all rows: ``sum_il 1/2 w^T D w = 1/2 <D, W^T W>`` (one GEMM with an M x M
-    output, O(M K M^2)). When d < M the posterior means ``W X`` (O(M K M d)) give it instead:
-    ``sum_il 1/2 w^T D w = sum_j c_j G_jj - ||W X||_F^2``. Besides the per-data-row bound, every (i, l)
+    output, O(M K M^2)). When d < M the posterior means ``W X`` (O(M K M d)) give it instead, centred
+    at the row's own data point (the weights sum to one): ``1/2 w^T D w = sum_j w_j D_ij - ||(W X)_il -
+    x_i||^2``, two terms that both vanish as the row turns one-hot on j = i (uncentred, ``sum_j c_j G_jj -
+    ||W X||_F^2`` cancels two O(d) numbers there and leaves fp32 noise of ~d eps per row). Besides the per-data-row bound, every (i, l)
     row whose off-diagonal logits all lie below ``-ONEHOT_GAP`` (checked on its logits, O(M)) is one-hot
     on j = i and left out of that O(M^2) contraction: in fp32 its contribution is exactly 0 (most rows
     of the transition region, where the data-row bound is loose).
@@ -140,8 +142,7 @@ def separation_complement_torch(x1: torch.Tensor, st: dict[str, torch.Tensor], s
             active = (_row_bound(st, r) >= -ONEHOT_GAP).any(dim=1).nonzero().squeeze(1)
         a_sum = torch.zeros((), dtype=torch.float64, device=x1.device)
         wtw = torch.zeros(m, m, dtype=dtype, device=x1.device) if xw is None else None
-        mean_sq = torch.zeros((), dtype=torch.float64, device=x1.device)
-        col = torch.zeros(m, dtype=dtype, device=x1.device)
+        b_sum = torch.zeros((), dtype=torch.float64, device=x1.device)
         for start in range(0, active.numel(), block):
             i = active[start:start + block]
             logits = (p * r).unsqueeze(0) - (pt[i] * r).unsqueeze(2)        # r (P_lj - P_li)
@@ -158,17 +159,16 @@ def separation_complement_torch(x1: torch.Tensor, st: dict[str, torch.Tensor], s
             c = w.sum(dim=1)                                                  # (bi, M)
             a_sum += ((gd[i, None] - gd[None, :]) * c).sum(dtype=torch.float64)
             w2 = w.reshape(-1, m)
+            rows = i.repeat_interleave(k)  # the data row of each (i, l) row of w2
             if dense is not None and not bool(dense.all()):
-                w2 = w2[dense]  # the other rows' w^T D w and ||w||_G terms are exactly 0 / cancel
+                w2, rows = w2[dense], rows[dense]  # the other rows' w^T D w terms are exactly 0
             if xw is None:
                 wtw.addmm_(w2.T, w2)
-            else:
-                col += w2.sum(0)
-                mean_sq += (w2 @ xw).square().sum(dtype=torch.float64)
+            else:  # centred at x_i: both terms vanish together as the row turns one-hot on j = i
+                b_sum += (w2 * dist[rows]).sum(dtype=torch.float64)
+                b_sum -= (w2 @ xw - xw[rows]).square().sum(dtype=torch.float64)
         if xw is None:
             b_sum = 0.5 * (dist * wtw).sum(dtype=torch.float64)
-        else:
-            b_sum = (col * gd).sum(dtype=torch.float64) - mean_sq
         out[n] = a_sum + b_sum
         if progress is not None:
             progress(1)

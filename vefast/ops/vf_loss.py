@@ -41,6 +41,10 @@ one backward Triton launch (plus a (D' x C) QR and two small sums); the features
   the feature tiles to fp32 for tf32 dots), the small k-dim dots of the z side in tf32. fp32 features
   contract in ``tf32x3`` (three tf32 tensor-core products, about fp32 accuracy: eager PyTorch's fp32
   matmul is IEEE) and the z-side dots in IEEE fp32, keeping the fused error within 2x the eager one.
+  With 16-bit features the forward rounds W to their dtype for the W^T f_i dot (as autocast rounds a
+  bf16 projection): the cosine term then carries W's rounding (~2^-9 relative in bf16, and fp16 flushes
+  |W| < 6e-8), more than eager fp32 on mixed inputs (fp32 z and W, bf16 features) would; an fp32
+  prologue (tf32x3) would remove it at the price of registers the configs do not have today.
   Each precision family and kernel has its own autotune configs, all free of spills on sm_90 and sm_80.
 - NaN in z or f propagates to both terms, as in the eager reference (the relu masks keep NaN).
 - Under TRITON_INTERPRET the feature tiles are cast to fp32 before ``tl.dot`` (the interpreter's

@@ -37,7 +37,7 @@ from ..ops._common import check_finite_number, check_int, check_not_meta, check_
 from ..ops.timestep_sample import timestep_sample
 from .paths import Path, _as_t, path as get_path
 from .samplers import LogitNormalSampler, TimestepSampler, interp1d
-from .separation import draw_noise, separation_function
+from .separation import _flatten_rows, draw_noise, separation_function
 
 FORMAT = "vefast.vr_table"
 FORMAT_VERSION = 1
@@ -107,6 +107,14 @@ def pchip(xq: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 COMPLEMENT_FLOOR = 1e-300  # 1 - S floored before its log (pchip): exact zeros (one-hot rows) stay ~0
+
+
+def _mean_square(name: str, x: torch.Tensor) -> float:
+    """E||x||^2 / d of the rows of ``x`` in float64 (a host read: one-off APIs); ValueError when it is 0."""
+    value = float(x.detach().double().square().mean())
+    if not value > 0:
+        raise ValueError(f"{name} is all zeros: its separation function is undefined")
+    return value
 
 
 def _interp_log_snr(r: torch.Tensor, snr: torch.Tensor, S: torch.Tensor, interp: str) -> torch.Tensor:
@@ -236,13 +244,16 @@ class VRTimestepSampler(TimestepSampler):
             raise ValueError("num_t is too small: fewer than 2 knots with a positive SNR")
         check_int("num_noise", num_noise, min_value=1)
         start = time.perf_counter()
-        d = int(x1[0].numel())
+        d = _flatten_rows("x1", x1, rows="M", min_rows=2).shape[1]
         work = torch.float64 if x1.dtype == torch.float64 else torch.float32
         noise = draw_noise(num_noise, d, dtype=work, device=x1.device, generator=generator)
+        # The density is h^2 x the MMSE per dim, E||x||^2 / d - S: 1 - S for standardized data; unstandardized,
+        # S is taken in units of the data's mean square per dim (a constant factor of the density)
+        unit = 1.0 if normalize else _mean_square("x1", x1)
 
         def estimate(snr: torch.Tensor) -> torch.Tensor:
             return separation_function(x1, snr, noise=noise, normalize=normalize, progress=progress,
-                                       leave_one_out=leave_one_out).cpu()
+                                       leave_one_out=leave_one_out).cpu() / unit
 
         exact = snr_points is None or snr_points >= r.numel()
         if exact:
