@@ -109,6 +109,21 @@ def _row_bound(st: dict[str, torch.Tensor], r: float) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # torch Gram path (CPU, float64 anywhere)
 # ---------------------------------------------------------------------------------------------
+def _half_wdw_by_means(w: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, dist: torch.Tensor,
+                       gd: torch.Tensor) -> torch.Tensor:
+    """``sum over rows of 1/2 w^T D w`` (float64) from the posterior means ``mu = w X``: the weights sum to
+    one, so ``1/2 w^T D w = sum_j w_j ||x_j - c||^2 - ||mu - c||^2`` for any centre c, and its two terms
+    cancel least when c is near mu. c = x_i (the row's own data point, ``rows``) where the row is mostly
+    one-hot on j = i (self weight >= 1/2: both terms vanish together as it collapses), else c = 0 (dense
+    rows of standardized data: mu ~ 0). Uncentred near collapse, two O(d) terms left ~d eps of fp32 noise
+    per row; centred at x_i in the dense regime, half of an O(d) sum cancels."""
+    mu = w @ x
+    own = (w * dist[rows]).sum(1) - (mu - x[rows]).square().sum(1)
+    origin = (w * gd).sum(1) - mu.square().sum(1)
+    self_weight = w.gather(1, rows[:, None]).squeeze(1)
+    return torch.where(self_weight >= 0.5, own, origin).sum(dtype=torch.float64)
+
+
 def separation_complement_torch(x1: torch.Tensor, st: dict[str, torch.Tensor], snr: torch.Tensor, *,
                                 dtype: torch.dtype, block_elems: int = 1 << 20,
                                 progress: Callable[[int], None] | None = None,
@@ -120,10 +135,8 @@ def separation_complement_torch(x1: torch.Tensor, st: dict[str, torch.Tensor], s
     Only sums over (i, l) are needed, so per block of data rows i the (K, M) weights give
     ``c_ij = sum_l w_ilj`` (then ``sum_j c_ij (G_ii - G_jj)``, no cancellation) and the Gram sum
     ``W^T W`` accumulates over all rows: ``sum_il 1/2 w^T D w = 1/2 <D, W^T W>`` (one GEMM with an M x M
-    output, O(M K M^2)). When d < M the posterior means ``W X`` (O(M K M d)) give it instead, centred
-    at the row's own data point (the weights sum to one): ``1/2 w^T D w = sum_j w_j D_ij - ||(W X)_il -
-    x_i||^2``, two terms that both vanish as the row turns one-hot on j = i (uncentred, ``sum_j c_j G_jj -
-    ||W X||_F^2`` cancels two O(d) numbers there and leaves fp32 noise of ~d eps per row). Besides the per-data-row bound, every (i, l)
+    output, O(M K M^2)). When d < M the posterior means ``W X`` (O(M K M d)) give it instead
+    (:func:`_half_wdw_by_means`). Besides the per-data-row bound, every (i, l)
     row whose off-diagonal logits all lie below ``-ONEHOT_GAP`` (checked on its logits, O(M)) is one-hot
     on j = i and left out of that O(M^2) contraction: in fp32 its contribution is exactly 0 (most rows
     of the transition region, where the data-row bound is loose).
@@ -164,9 +177,8 @@ def separation_complement_torch(x1: torch.Tensor, st: dict[str, torch.Tensor], s
                 w2, rows = w2[dense], rows[dense]  # the other rows' w^T D w terms are exactly 0
             if xw is None:
                 wtw.addmm_(w2.T, w2)
-            else:  # centred at x_i: both terms vanish together as the row turns one-hot on j = i
-                b_sum += (w2 * dist[rows]).sum(dtype=torch.float64)
-                b_sum -= (w2 @ xw - xw[rows]).square().sum(dtype=torch.float64)
+            else:
+                b_sum += _half_wdw_by_means(w2, rows, xw, dist, gd)
         if xw is None:
             b_sum = 0.5 * (dist * wtw).sum(dtype=torch.float64)
         out[n] = a_sum + b_sum
