@@ -68,3 +68,16 @@ def undeclared_fallbacks(events: Iterable, patterns: Iterable[str]) -> dict[str,
 def pinned_config(nodeid: str, n: int) -> int:
     """The autotune config (of ``n``) a gpu-lane test not marked ``gpu`` runs (conftest.one_autotune_config)."""
     return zlib.crc32(nodeid.encode()) % n
+
+
+def train_tiny_tokenizer(out, *, steps: int = 2) -> None:
+    """The tiny tokenizer the recipe tests build their latents with: ``steps`` steps on 16 synthetic
+    images, no alignment / LPIPS / GAN (random weights, nothing downloaded), written to ``out``."""
+    from vefast.recipes.config import load_config
+    from vefast.recipes.tokenizer import TokenizerConfig, train
+
+    cfg = load_config(TokenizerConfig, "tokenizer_tiny.yaml",
+                      ["loss.align=none", "loss.lpips_weight=0", "loss.gan_weight=0", f"train.steps={steps}",
+                       "train.stats_images=8", "train.val_images=4"])
+    if train(cfg, out=out, synthetic=16, progress=False) != 0:
+        raise RuntimeError(f"the tiny tokenizer did not train into {out}")

@@ -13,15 +13,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import train_tiny_tokenizer
 import torch
 from safetensors.torch import load_file
 
 from vefast.cli import main as cli
 from vefast.recipes import shards as sh
-from vefast.recipes.config import load_config
 from vefast.recipes.data import LatentShardDataset
-from vefast.recipes.tokenizer import TokenizerConfig
-from vefast.recipes.tokenizer import train as train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.expect_fallback("*:cpu")]
@@ -33,10 +31,7 @@ ENV = {**os.environ, "TRITON_INTERPRET": "0", "OMP_NUM_THREADS": "1", "PYTHONPAT
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory, eager):
     base = tmp_path_factory.mktemp("extract")
-    cfg = load_config(TokenizerConfig, "tokenizer_tiny.yaml",
-                      ["loss.align=none", "loss.lpips_weight=0", "loss.gan_weight=0", "train.steps=2",
-                       "train.stats_images=8", "train.val_images=4"])
-    assert train_tokenizer(cfg, out=base / "tok", synthetic=16, progress=False) == 0
+    train_tiny_tokenizer(base / "tok")
     return base / "tok"
 
 

@@ -49,7 +49,7 @@ from vefast.recipes.dit import DiTConfig, ema_update
 from vefast.recipes.metrics import NonFiniteGuard, all_finite, host_values
 from vefast.recipes.tokenizer import TokenizerConfig
 
-from helpers import needs_interpreter
+from helpers import needs_interpreter, train_tiny_tokenizer
 
 # Import the Triton ops now, while the lane's TRITON_INTERPRET=1 is set, so their kernels are interpreted
 # kernels even when an eager run below imports them first.
@@ -283,10 +283,7 @@ def test_planted_sync_in_the_dit_step_is_caught(dit_latents, tmp_path, monkeypat
 @pytest.fixture(scope="module")
 def dit_latents(tmp_path_factory, eager):
     base = tmp_path_factory.mktemp("syncs")
-    cfg = load_config(TokenizerConfig, "tokenizer_tiny.yaml",
-                      ["loss.align=none", "loss.lpips_weight=0", "loss.gan_weight=0", "train.steps=1",
-                       "train.stats_images=8", "train.val_images=4"])
-    assert tok_recipe.train(cfg, out=base / "tok", synthetic=16, progress=False) == 0
+    train_tiny_tokenizer(base / "tok", steps=1)
     assert cli(["extract-latents", "--tokenizer", str(base / "tok"), "--synthetic", "16", "--out", str(base / "lat"),
                 "--batch-size", "16", "--num-workers", "0", "--device", "cpu"]) == 0
     return base / "lat"

@@ -19,13 +19,11 @@ from vefast.recipes.checkpoint import load_checkpoint
 from vefast.recipes.config import ConfigError, load_config
 from vefast.recipes.dit import DiTConfig, build_dit, muon_param_split, sample_ode, train
 from vefast.recipes.metrics import read_jsonl
-from vefast.recipes.tokenizer import TokenizerConfig
-from vefast.recipes.tokenizer import train as train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-from helpers import needs_interpreter  # noqa: E402
+from helpers import needs_interpreter, train_tiny_tokenizer  # noqa: E402
 
 # Import the Triton ops now, while the lane's TRITON_INTERPRET=1 is set, so their kernels are interpreted
 # kernels even when an eager run below imports them first.
@@ -42,10 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def latents(tmp_path_factory, eager):
     base = tmp_path_factory.mktemp("dit")
-    cfg = load_config(TokenizerConfig, "tokenizer_tiny.yaml",
-                      ["loss.align=none", "loss.lpips_weight=0", "loss.gan_weight=0", "train.steps=2",
-                       "train.stats_images=8", "train.val_images=4"])
-    assert train_tokenizer(cfg, out=base / "tok", synthetic=16, progress=False) == 0
+    train_tiny_tokenizer(base / "tok")
     assert cli(["extract-latents", "--tokenizer", str(base / "tok"), "--synthetic", "32", "--out", str(base / "lat"),
                 "--flip", "--batch-size", "16", "--num-workers", "0", "--device", "cpu"]) == 0
     return base / "lat"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import train_tiny_tokenizer
 import torch
 
 from vefast.cli import main as cli
@@ -24,8 +25,6 @@ from vefast.recipes import fid
 from vefast.recipes.config import load_config
 from vefast.recipes.dit import DiTConfig
 from vefast.recipes.dit import train as train_dit
-from vefast.recipes.tokenizer import TokenizerConfig
-from vefast.recipes.tokenizer import train as train_tokenizer
 
 pytest.importorskip("torch_fidelity")
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,10 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def run(tmp_path_factory, eager):
     """A 4-step tiny DiT on latents of a 2-step tiny tokenizer (synthetic images)."""
     base = tmp_path_factory.mktemp("sample")
-    tcfg = load_config(TokenizerConfig, "tokenizer_tiny.yaml",
-                       ["loss.align=none", "loss.lpips_weight=0", "loss.gan_weight=0", "train.steps=2",
-                        "train.stats_images=8", "train.val_images=4"])
-    assert train_tokenizer(tcfg, out=base / "tok", synthetic=16, progress=False) == 0
+    train_tiny_tokenizer(base / "tok")
     assert cli(["extract-latents", "--tokenizer", str(base / "tok"), "--synthetic", "16", "--out", str(base / "lat"),
                 "--batch-size", "8", "--num-workers", "0", "--device", "cpu", "--no-progress"]) == 0
     cfg = load_config(DiTConfig, "dit_tiny.yaml", ["model.fused=false", "train.steps=4", "train.ckpt_every=4",

@@ -131,7 +131,7 @@ def record_fallbacks() -> Iterator[list[FallbackEvent]]:
 
         with record_fallbacks() as events:
             vefast.vf_loss(z.double(), f.double(), w.double())
-        assert [e.key for e in events] == ["vf_loss:float64"]
+        [e.key for e in events]  # -> ["vf_loss:float64"]
 
     Under ``torch.compile`` an op's fallback is recorded when it is traced, not on each run.
     """
