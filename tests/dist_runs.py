@@ -4,15 +4,16 @@
 
 SPEC: a list of {"recipe": "dit" | "tokenizer", "config": NAME, "set": [KEY=VALUE...], "out": DIR,
 "resume": bool, "latents": DIR (dit) | "synthetic": N (tokenizer)}. The process group is kept across
-the runs (a launch's group cannot be formed twice), so each run costs its training time only.
+the runs (a launch's group cannot be formed twice), so each run costs its training time only; the
+recipes' own end (collect cycles, barrier, destroy) runs once, after the last run. ``faulthandler`` prints
+every thread's Python stack should a rank abort.
 """
 from __future__ import annotations
 
+import faulthandler
 import json
 import sys
 from pathlib import Path
-
-import torch.distributed as dist
 
 import vefast.recipes.distributed as recipe_dist
 from vefast.recipes import dit, tokenizer
@@ -20,6 +21,8 @@ from vefast.recipes.config import load_config
 
 
 def main(spec_file: str) -> int:
+    faulthandler.enable()
+    end_group = recipe_dist.cleanup
     recipe_dist.cleanup = lambda: None  # the recipes destroy the group at their end; keep it for the next run
     for run in json.loads(Path(spec_file).read_text()):
         if run["recipe"] == "dit":
@@ -32,8 +35,7 @@ def main(spec_file: str) -> int:
                                  progress=False)
         if rc != 0:
             return rc
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    end_group()
     return 0
 
 

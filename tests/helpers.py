@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
+import subprocess
 import zlib
 from collections.abc import Iterable
 
@@ -81,3 +83,11 @@ def train_tiny_tokenizer(out, *, steps: int = 2) -> None:
                        "train.stats_images=8", "train.val_images=4"])
     if train(cfg, out=out, synthetic=16, progress=False) != 0:
         raise RuntimeError(f"the tiny tokenizer did not train into {out}")
+
+
+def launch_report(proc: subprocess.CompletedProcess, tail: int = 3000) -> str:
+    """A failed (torchrun) launch's stderr for an assertion message: each rank's exception line first
+    (torchrun prints the root-cause rank's traceback far above its own summary), then the tail."""
+    errors = [line for line in proc.stderr.splitlines()
+              if re.match(r"\[rank\d+\]: [\w.]*(Error|Exception|Interrupt)\b", line)]
+    return "\n".join(errors + ["...", proc.stderr[-tail:]])

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import train_tiny_tokenizer
+from helpers import launch_report, train_tiny_tokenizer
 import torch
 from safetensors.torch import load_file
 
@@ -59,9 +59,9 @@ def _same(a: dict, b: dict) -> None:
 def runs(tok):
     one, two = tok.parent / "one", tok.parent / "two"
     p1 = _run(tok, one, 1)
-    assert p1.returncode == 0, p1.stderr[-3000:]
+    assert p1.returncode == 0, launch_report(p1)
     p2 = _run(tok, two, 2)
-    assert p2.returncode == 0, p2.stderr[-3000:]
+    assert p2.returncode == 0, launch_report(p2)
     return one, two, p1, p2
 
 

@@ -23,7 +23,7 @@ from vefast.recipes.metrics import read_jsonl
 ROOT = Path(__file__).resolve().parents[1]
 
 
-from helpers import needs_interpreter, train_tiny_tokenizer  # noqa: E402
+from helpers import launch_report, needs_interpreter, train_tiny_tokenizer  # noqa: E402
 
 # Import the Triton ops now, while the lane's TRITON_INTERPRET=1 is set, so their kernels are interpreted
 # kernels even when an eager run below imports them first.
@@ -182,7 +182,7 @@ def test_dit_two_process_gloo_ddp(latents, tmp_path):
            "--no-fused", "--no-progress", "--set", "train.steps=4", "--set", "train.ckpt_every=2",
            "--set", "train.batch_size=4", "--set", "sample.steps=1", "--set", "sample.num_images=1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, launch_report(proc)
     rows = read_jsonl(out / "metrics.jsonl")
     div = [r["replica_max_abs_diff"] for r in rows if "replica_max_abs_diff" in r]
     assert div == [0.0, 0.0]  # replicas identical at both checkpoints
@@ -253,7 +253,7 @@ def _torchrun(spec, tmp_path, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests" / "dist_runs.py"), str(f)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, launch_report(proc)
 
 
 @pytest.mark.expect_fallback("*:cpu")

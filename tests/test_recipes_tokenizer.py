@@ -26,7 +26,7 @@ def _train(out, overrides=(), synthetic=32, **kw):
     return train(cfg, out=out, synthetic=synthetic, progress=False, **kw)
 
 
-from helpers import needs_interpreter  # noqa: E402
+from helpers import launch_report, needs_interpreter  # noqa: E402
 
 # Import the Triton ops now, while the lane's TRITON_INTERPRET=1 is set, so their kernels are interpreted
 # kernels even when an eager run below imports them first.
@@ -253,7 +253,7 @@ def test_tokenizer_two_process_gloo_ddp(tmp_path):
            "--set", "train.ckpt_every=2", "--set", "train.val_every=2", "--set", "train.stats_images=4",
            "--set", "train.val_images=4"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, launch_report(proc)
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["replica_max_abs_diff"] for r in rows if "replica_max_abs_diff" in r] == [0.0]
     assert all("d_loss" in r and "w_gan" in r for r in rows if "loss" in r)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import train_tiny_tokenizer
+from helpers import launch_report, train_tiny_tokenizer
 import torch
 
 from vefast.cli import main as cli
@@ -56,7 +56,7 @@ def _sample(run_dir: Path, out: Path, num: int, nproc: int = 1, extra=()):
     cmd = [sys.executable, *launch, "-m", "vefast.cli", "sample", *where, "--num-images", str(num),
            "--out", str(out), *SAMPLE, *extra]
     p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240, cwd=out.parent)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 0, launch_report(p)
     return p
 
 

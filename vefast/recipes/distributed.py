@@ -8,14 +8,21 @@ forward they are called with (tested), so DDP skips the per-step graph traversal
 make, and an unused parameter is an error at the next step instead of a silent cost. FSDP2
 (``fully_shard`` per transformer block and at the root, ``train.parallel: fsdp``) keeps fp32 master
 weights and optimizer state sharded over the ranks and computes in bf16 on CUDA.
+
+Each entry point that forms a group is decorated with :func:`ends_process_group`: the group is destroyed
+after the entry point's frame is gone and its reference cycles are collected, with every rank past a
+final barrier, so no collective's work or tensors are left for interpreter shutdown to free.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import datetime
+import functools
+import gc
 import hashlib
 import os
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -64,8 +71,29 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInf
 
 
 def cleanup() -> None:
+    """Wait for every rank, destroy the process group, collect what referenced it (no-op without one)."""
     if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
+
+
+def ends_process_group(entry: Callable[..., int]) -> Callable[..., int]:
+    """Decorate a recipe entry point that calls :func:`init_distributed`: when it returns, collect the
+    reference cycles its frame left (FSDP2 / DDP state holds the group, its device mesh and the tensors of
+    finished collectives), then :func:`cleanup`. Destroying the group while those still live leaves them
+    to interpreter shutdown, where a gloo worker thread freeing a tensor can abort a process that trained
+    successfully ("terminate called without an active exception"). An exception propagates untouched."""
+
+    @functools.wraps(entry)
+    def run(*args, **kwargs) -> int:
+        rc = entry(*args, **kwargs)
+        gc.collect()
+        cleanup()
+        return rc
+
+    return run
 
 
 def barrier(info: DistInfo) -> None:

@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from .config import (ConfigError, check_resume_config, check_train_batching, config_to_dict, dump_config, load_config,
                      require)
+from .distributed import ends_process_group
 from .schedule import LRScheduleConfig
 
 if TYPE_CHECKING:
@@ -767,11 +768,12 @@ def _load_full_optim_state(module: nn.Module, opt: torch.optim.Optimizer, sd: di
                              options=StateDictOptions(full_state_dict=True))
 
 
+@ends_process_group
 def train(cfg: DiTConfig, *, latents: Path, out: Path, resume: bool = False, overwrite: bool = False,
           progress: bool = True, sample_only: bool = False) -> int:
     from .checkpoint import check_run_dir, clear_run_dir, latest_checkpoint, load_checkpoint, save_checkpoint
     from .data import step_loader
-    from .distributed import barrier, cleanup, fsdp_shard, init_distributed, replica_divergence, wrap_ddp
+    from .distributed import barrier, fsdp_shard, init_distributed, replica_divergence, wrap_ddp
     from .metrics import JSONLLogger, NonFiniteGuard, Progress, log_train_step
     from .schedule import base_lrs as configured_lrs
     import vefast
@@ -850,6 +852,7 @@ def train(cfg: DiTConfig, *, latents: Path, out: Path, resume: bool = False, ove
             state = ckpt.state(f"opt{i}")
             _load_full_optim_state(module, o, state) if sharded else o.load_state_dict(state)
     channels = ds.latent_shape[0]
+    barrier(dist_info)  # every rank has checked the run directory before rank 0 writes to it
     if dist_info.is_main:
         if overwrite and not sample_only:
             clear_run_dir(out)
@@ -886,7 +889,6 @@ def train(cfg: DiTConfig, *, latents: Path, out: Path, resume: bool = False, ove
     if sample_only:
         do_sample(start_step)
         log.close()
-        cleanup()
         return 0
 
     if sharded:
@@ -945,7 +947,6 @@ def train(cfg: DiTConfig, *, latents: Path, out: Path, resume: bool = False, ove
             do_sample(step)
     bar.close()
     log.close()
-    cleanup()
     return 0
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .distributed import ends_process_group
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="tokenizer_f16d32_ve.yaml",
@@ -53,13 +55,14 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
 
+@ends_process_group
 def extract(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
     from torch.utils.data import DataLoader, Subset
 
     from .config import ConfigError, load_config
     from .data import FEATURE_INFO, make_image_dataset, shard_range
-    from .distributed import barrier, cleanup, init_distributed
+    from .distributed import barrier, init_distributed
     from .tokenizer_config import TokenizerConfig
 
     cfg = load_config(TokenizerConfig, args.config, args.set)
@@ -122,5 +125,4 @@ def extract(args: argparse.Namespace) -> int:
         print(f"extract-features: {len(dataset)} images -> {out} ({meta['feature_dim']} x {grid[0]} x {grid[1]}"
               f"{', flipped too' if args.flip else ''})", file=sys.stderr)
     barrier(info)
-    cleanup()
     return 0

@@ -26,6 +26,9 @@ from pathlib import Path
 
 import torch
 
+from .distributed import ends_process_group
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", required=True, help="train-tokenizer run directory (or one checkpoint directory)")
     src = parser.add_mutually_exclusive_group(required=True)
@@ -66,6 +69,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
 
 
+@ends_process_group
 def extract(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
@@ -74,7 +78,7 @@ def extract(args: argparse.Namespace) -> int:
     from .config import ConfigError
     from ..nn import DiagonalGaussianDistribution
     from .data import make_image_dataset
-    from .distributed import autocast, barrier, cleanup, derive_seed, init_distributed
+    from .distributed import autocast, barrier, derive_seed, init_distributed
     from .progress import ProgressReporter
 
     if args.batch_size < 1 or args.shard_size < 1:
@@ -185,7 +189,6 @@ def extract(args: argparse.Namespace) -> int:
     if info.is_main:
         _write_summary(out, plan, fp, settings, ae, grid, num_classes, args, dino, g_feat, info.world_size)
     barrier(info)
-    cleanup()
     return 0
 
 

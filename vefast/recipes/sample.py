@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError
+from .distributed import ends_process_group
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -150,12 +151,13 @@ def build_sampler_model(cfg, ckpt, latent_shape: tuple[int, int, int], *, weight
     return model.to(device).eval().requires_grad_(False)
 
 
+@ends_process_group
 def sample(args: argparse.Namespace) -> int:
     from . import shards as sh
     from .checkpoint import load_checkpoint, load_tokenizer
     from .config import build_config
     from .dit import DiTConfig, sample_ode
-    from .distributed import barrier, cleanup, init_distributed
+    from .distributed import barrier, init_distributed
     from .fid import npz_writer
     from .images import save_grid, to_uint8
     from .progress import ProgressReporter
@@ -244,7 +246,6 @@ def sample(args: argparse.Namespace) -> int:
             parts.rmdir()
         print(f"sample: {args.num} images ({h}x{w}) -> {out}", file=sys.stderr)
     barrier(dist_info)
-    cleanup()
     return 0
 
 

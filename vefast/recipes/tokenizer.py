@@ -39,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ConfigError, check_resume_config, config_to_dict, dump_config, load_config
+from .distributed import ends_process_group
 from .tokenizer_config import (TokenizerConfig, TokenizerLossConfig, TokenizerModelConfig,  # noqa: F401
                                TokenizerOptimConfig, TokenizerTrainConfig, build_autoencoder)
 
@@ -426,12 +427,13 @@ def _training_data(cfg: TokenizerConfig, base, grid: tuple[int, int]):
         raise ConfigError(str(e)) from None
 
 
+@ends_process_group
 def train(cfg: TokenizerConfig, *, out: Path, data: str | None = None, synthetic: int | None = None,
           resume: bool = False, overwrite: bool = False, progress: bool = True) -> int:
     from ..models.tokenizer import NLayerDiscriminator
     from .checkpoint import check_run_dir, clear_run_dir, latest_checkpoint, load_checkpoint, save_checkpoint
     from .data import make_image_dataset, step_loader
-    from .distributed import barrier, cleanup, init_distributed, replica_divergence, wrap_ddp
+    from .distributed import barrier, init_distributed, replica_divergence, wrap_ddp
     from .metrics import JSONLLogger, NonFiniteGuard, Progress, build_lpips, log_train_step, lpips_check
     from .schedule import base_lrs
 
@@ -491,6 +493,7 @@ def train(cfg: TokenizerConfig, *, out: Path, data: str | None = None, synthetic
     # fake forward, which autograd saved for the backward (an error), and costs a collective per forward.
     ddp_disc = wrap_ddp(disc, dist_info, broadcast_buffers=False)
 
+    barrier(dist_info)  # every rank has checked the run directory before rank 0 writes to it
     if dist_info.is_main:
         if overwrite:
             clear_run_dir(out)
@@ -546,7 +549,6 @@ def train(cfg: TokenizerConfig, *, out: Path, data: str | None = None, synthetic
             save(step)
     bar.close()
     log.close()
-    cleanup()
     return 0
 
 
