@@ -5,7 +5,7 @@
 SPEC: a list of {"recipe": "dit" | "tokenizer", "config": NAME, "set": [KEY=VALUE...], "out": DIR,
 "resume": bool, "latents": DIR (dit) | "synthetic": N (tokenizer)}. The process group is kept across
 the runs (a launch's group cannot be formed twice), so each run costs its training time only; the
-recipes' own end (collect cycles, barrier, destroy) runs once, after the last run. ``faulthandler`` prints
+recipes' own end (barrier, destroy) runs once, after the last run. ``faulthandler`` prints
 every thread's Python stack should a rank abort.
 """
 from __future__ import annotations

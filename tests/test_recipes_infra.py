@@ -393,3 +393,35 @@ def test_ldm_config_is_read_off_the_weights():
         ldm_config_from_state_dict(sd)
     with pytest.raises(ValueError, match="not an LDM autoencoder state dict"):
         ldm_config_from_state_dict({"x": torch.zeros(1)})
+
+
+def test_cli_reports_a_commands_user_errors_and_nothing_else(monkeypatch, capsys):
+    """cli.main turns the exceptions a command module lists in USER_ERRORS into `vefast CMD: message` and
+    exit 2; any other exception is a bug and keeps its traceback."""
+    import sys
+    import types
+
+    from vefast import cli
+
+    fake = types.ModuleType("vefast_fake_command")
+    fake.USER_ERRORS = (ConfigError,)
+    fake.add_arguments = lambda p: p.add_argument("--raise", dest="exc", default="config")
+
+    def fake_main(args):
+        raise ConfigError("bad --thing") if args.exc == "config" else KeyError("a bug")
+
+    fake.main = fake_main
+    monkeypatch.setitem(sys.modules, "vefast_fake_command", fake)
+    monkeypatch.setitem(cli.COMMANDS, "fake", ("vefast_fake_command", "a test command"))
+    assert cli.main(["fake"]) == 2
+    assert capsys.readouterr().err.strip() == "vefast fake: bad --thing"
+    with pytest.raises(KeyError, match="a bug"):
+        cli.main(["fake", "--raise", "other"])
+
+
+@pytest.mark.parametrize("module", ["dit", "tokenizer", "extract_latents", "extract_features", "sample", "fid", "plot"])
+def test_commands_that_check_their_inputs_declare_them_as_user_errors(module):
+    import importlib
+
+    errors = importlib.import_module(f"vefast.recipes.{module}").USER_ERRORS
+    assert any(issubclass(ConfigError, e) for e in errors), module

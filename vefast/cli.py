@@ -1,7 +1,9 @@
 """``vefast <command>``: the command-line entry point.
 
 Each command lives in its own module exposing ``add_arguments(parser)`` and ``main(args) -> int``;
-modules are imported only when their command runs.
+modules are imported only when their command runs. A module's ``USER_ERRORS`` (a tuple of exception
+types, default none) are the user's mistakes: ``vefast <command>: <message>`` on stderr and exit 2,
+without a traceback.
 """
 from __future__ import annotations
 
@@ -66,7 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(modules[args.command].main(args) or 0)
+    module = modules[args.command]
+    try:
+        return int(module.main(args) or 0)
+    except getattr(module, "USER_ERRORS", ()) as e:
+        print(f"vefast {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

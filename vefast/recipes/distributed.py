@@ -71,12 +71,11 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistInf
 
 
 def cleanup() -> None:
-    """Wait for every rank, destroy the process group, collect what referenced it (no-op without one)."""
+    """Wait for every rank, then destroy the process group (no-op without one)."""
     if dist.is_initialized():
         if dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
-        gc.collect()
 
 
 def ends_process_group(entry: Callable[..., int]) -> Callable[..., int]:

@@ -611,16 +611,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+USER_ERRORS = (ConfigError,)
+
+
 def main(args: argparse.Namespace) -> int:
     overrides = (list(args.set) + (["model.fused=false"] if args.no_fused else [])
                  + ([f"train.device={args.device}"] if args.device else []))
-    try:
-        cfg = load_config(DiTConfig, args.config, overrides)
-        return train(cfg, latents=Path(args.latents), out=Path(args.out), resume=args.resume,
-                     overwrite=args.overwrite, progress=not args.no_progress, sample_only=args.sample_only)
-    except ConfigError as e:
-        print(f"vefast train-dit: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(DiTConfig, args.config, overrides)
+    return train(cfg, latents=Path(args.latents), out=Path(args.out), resume=args.resume,
+                 overwrite=args.overwrite, progress=not args.no_progress, sample_only=args.sample_only)
 
 
 def _open_latents(cfg: DiTConfig, latents: Path):

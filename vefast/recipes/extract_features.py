@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .config import ConfigError
 from .distributed import ends_process_group
 
 
@@ -45,14 +46,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
 
 
-def main(args: argparse.Namespace) -> int:
-    from .config import ConfigError
+USER_ERRORS = (ConfigError, FileNotFoundError)
 
-    try:
-        return extract(args)
-    except (ConfigError, FileNotFoundError) as e:
-        print(f"vefast extract-features: {e}", file=sys.stderr)
-        return 2
+
+def main(args: argparse.Namespace) -> int:
+    return extract(args)
 
 
 @ends_process_group
@@ -60,7 +58,7 @@ def extract(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
     from torch.utils.data import DataLoader, Subset
 
-    from .config import ConfigError, load_config
+    from .config import load_config
     from .data import FEATURE_INFO, make_image_dataset, shard_range
     from .distributed import barrier, init_distributed
     from .tokenizer_config import TokenizerConfig

@@ -59,14 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_progress_arguments(parser)
 
 
-def main(args: argparse.Namespace) -> int:
-    from .config import ConfigError
+USER_ERRORS = (ValueError, FileNotFoundError)  # ConfigError is a ValueError
 
-    try:
-        return extract(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"vefast extract-latents: {e}", file=sys.stderr)
-        return 2
+
+def main(args: argparse.Namespace) -> int:
+    return extract(args)
 
 
 @ends_process_group

@@ -487,12 +487,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_progress_arguments(parser)
 
 
+USER_ERRORS = (ValueError, ImportError, FileNotFoundError)
+
+
 def main(args: argparse.Namespace) -> int:
-    try:
-        return run(args)
-    except (ValueError, ImportError, FileNotFoundError) as e:
-        print(f"vefast fid: {e}", file=sys.stderr)
-        return 2
+    return run(args)
 
 
 def run(args: argparse.Namespace) -> int:

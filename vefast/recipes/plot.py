@@ -85,6 +85,9 @@ def plot_run(metrics: Path, out: Path, keys: list[str] | None = None) -> Path:
     return out
 
 
+USER_ERRORS = (ValueError,)
+
+
 def main(args: argparse.Namespace) -> int:
     src = Path(args.run)
     metrics = src if src.is_file() else src / "metrics.jsonl"
@@ -93,10 +96,6 @@ def main(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out) if args.out else metrics.with_name("metrics.png")
     keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
-    try:
-        path = plot_run(metrics, out, keys)
-    except ValueError as e:
-        print(f"vefast plot: {e}", file=sys.stderr)
-        return 2
+    path = plot_run(metrics, out, keys)
     print(f"plot written to {path}")
     return 0

@@ -66,12 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_progress_arguments(parser)
 
 
+USER_ERRORS = (ValueError, FileNotFoundError)  # ConfigError is a ValueError
+
+
 def main(args: argparse.Namespace) -> int:
-    try:
-        return sample(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"vefast sample: {e}", file=sys.stderr)
-        return 2
+    return sample(args)
 
 
 def _interval(text: str) -> tuple[float, float]:

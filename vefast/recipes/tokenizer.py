@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -393,19 +392,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+USER_ERRORS = (ConfigError,)
+
+
 def main(args: argparse.Namespace) -> int:
     overrides = list(args.set) + ([f"train.device={args.device}"] if args.device else [])
-    try:
-        cfg = load_config(TokenizerConfig, args.config, overrides)
-        if args.data is None and args.synthetic is None:
-            raise ConfigError("train-tokenizer: give --data DIR or --synthetic N")
-        if args.data is not None and not Path(args.data).is_dir():
-            raise ConfigError(f"--data {args.data!r}: no such directory")
-        return train(cfg, out=Path(args.out), data=args.data, synthetic=args.synthetic, resume=args.resume,
-                     overwrite=args.overwrite, progress=not args.no_progress)
-    except ConfigError as e:
-        print(f"vefast train-tokenizer: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(TokenizerConfig, args.config, overrides)
+    if args.data is None and args.synthetic is None:
+        raise ConfigError("train-tokenizer: give --data DIR or --synthetic N")
+    if args.data is not None and not Path(args.data).is_dir():
+        raise ConfigError(f"--data {args.data!r}: no such directory")
+    return train(cfg, out=Path(args.out), data=args.data, synthetic=args.synthetic, resume=args.resume,
+                 overwrite=args.overwrite, progress=not args.no_progress)
 
 
 def _training_data(cfg: TokenizerConfig, base, grid: tuple[int, int]):
